@@ -1,0 +1,57 @@
+"""The kernels as torch.library custom ops, so torch.compile traces them without graph breaks.
+
+Each op has a fake (meta) implementation that allocates on the input's device with the real op's
+shapes, dtypes and memory format.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _launch
+
+
+@torch.library.custom_op("gn_triton::group_norm_fwd", mutates_args=())
+def group_norm_fwd(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, mean_lo, rstd): y in input's dtype and memory format; (N, G) statistics in fp32
+    (fp64 for fp64 input), the mean as the pair mean + mean_lo (see kernels/_tile.py)."""
+    return _launch.gn_fwd(input, weight, bias, num_groups, eps)
+
+
+@group_norm_fwd.register_fake
+def _(input, weight, bias, num_groups, eps):
+    y = torch.empty_like(input, memory_format=_launch.memory_format(input))
+    stats = [input.new_empty((input.shape[0], num_groups), dtype=_launch.stats_dtype(input)) for _ in range(3)]
+    return (y, *stats)
+
+
+@torch.library.custom_op("gn_triton::group_norm_bwd", mutates_args=())
+def group_norm_bwd(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    mean_lo: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); a gradient not in `output_mask` (or of a None parameter) is empty.
+    `bias` is read only for the dtype of dbias."""
+    return _launch.gn_bwd(grad_out, input, weight, bias, mean, mean_lo, rstd, num_groups, output_mask)
+
+
+@group_norm_bwd.register_fake
+def _(grad_out, input, weight, bias, mean, mean_lo, rstd, num_groups, output_mask):
+    needs_dx, needs_dw, needs_db = output_mask
+    dx = torch.empty_like(input, memory_format=_launch.memory_format(input)) if needs_dx else input.new_empty(0)
+    dw = torch.empty_like(weight) if needs_dw and weight is not None else input.new_empty(0)
+    db = torch.empty_like(bias) if needs_db and bias is not None else input.new_empty(0)
+    return dx, dw, db

@@ -1,0 +1,34 @@
+"""gn_triton.group_norm: a drop-in for torch.nn.functional.group_norm."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _launch
+from .autograd import GroupNormFunction
+
+
+def group_norm(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Group Normalization over (N, C, *) input, with torch.nn.functional.group_norm's signature
+    and semantics: each of the num_groups groups of C/num_groups channels of a sample is normalised
+    by its own mean and (biased) variance, then scaled by weight[c] and shifted by bias[c].
+
+    CUDA tensors run gn_triton's Triton kernels. CPU tensors run the same kernels in Triton's
+    interpreter when TRITON_INTERPRET=1 was set before import; otherwise they fall back to torch's
+    own group_norm, so a model using gn_triton still runs on a CPU.
+
+    The output has input's dtype and memory format (contiguous or channels_last). weight and bias
+    may be of another floating dtype than input (e.g. fp32 parameters with bf16 input); statistics
+    are fp32 (fp64 for fp64 input). Bad arguments raise like torch, naming the argument.
+    """
+    _launch.check_group_norm_args(input, num_groups, weight, bias)
+    if input.dtype not in _launch.SUPPORTED_DTYPES or not _launch.runs_on_kernels(input):
+        return F.group_norm(input, num_groups, weight, bias, eps)
+    return GroupNormFunction.apply(input, weight, bias, num_groups, float(eps))

@@ -1,0 +1,33 @@
+"""Plain-PyTorch GroupNorm in float64, written from elementary ops (not torch's kernel).
+
+The ground truth of the tests, the perf harness's output check and the notebooks. Autograd through
+it gives the reference gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_norm_reference(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """GroupNorm of `input` computed in float64; returns float64 (differentiable)."""
+    x = input.double()
+    N, C = x.shape[:2]
+    rows = x.reshape(N, num_groups, -1)
+    count = rows.shape[-1]
+    mean = rows.sum(-1, keepdim=True) / count
+    centered = rows - mean
+    var = (centered * centered).sum(-1, keepdim=True) / count
+    y = (centered / torch.sqrt(var + eps)).reshape(x.shape)
+    channel_shape = (1, C) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.double().reshape(channel_shape)
+    if bias is not None:
+        y = y + bias.double().reshape(channel_shape)
+    return y

@@ -1,0 +1,212 @@
+"""Building blocks shared by the forward and backward GroupNorm kernels.
+
+Every kernel views its input as (N, C, S): S is the flattened spatial extent. Two memory layouts:
+  CHANNELS_LAST=False: offset(n, c, s) = (n*C + c)*S + s   (NCHW, NCDHW, (N, C, L), (N, C))
+  CHANNELS_LAST=True:  offset(n, c, s) = (n*S + s)*C + c   (NHWC, NDHWC)
+
+A program works on a block of R consecutive groups of one sample (R = 1 except for tiny rows), over
+a span of spatial positions, in tiles of [BLOCK_C channels x BLOCK_S positions]. Per-group values
+(vectors of length R) and per-channel values (vectors of length BLOCK_C) are moved between each other
+with a [R, BLOCK_C] membership mask and `tl.where`, never a multiply, so that a NaN in one group never
+reaches another.
+
+Numerics: every load is upcast to ACC (fp32, or fp64 for fp64 input). Statistics are taken of
+`x - shift`, where `shift` is the first element of the group (a "pilot" value of the row): for data
+with a large common offset, `x - shift` is exact and small, so the mean of the row is carried as an
+fp32 pair `mean_hi + mean_lo` and the normalisation `(x - mean_hi) - mean_lo` loses nothing to the
+quantisation of a large fp32 mean. Tiles are reduced exactly (two passes over registers) and merged
+with Chan's parallel update, never as E[x^2] - E[x]^2.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_offsets(c, s, C, S, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr):
+    """[BLOCK_C, BLOCK_S] element offsets inside one sample for channels `c` and positions `s`."""
+    if INDEX_64:
+        c = c.to(tl.int64)
+        s = s.to(tl.int64)
+    if CHANNELS_LAST:
+        return s[None, :] * C + c[:, None]
+    else:
+        return c[:, None] * S + s[None, :]
+
+
+@triton.jit
+def group_membership(c, c_begin, c_end, Cg, R: tl.constexpr):
+    """[R, BLOCK_C] mask: channel c belongs to the r-th group of the program's block."""
+    return ((c - c_begin)[None, :] // Cg == tl.arange(0, R)[:, None]) & (c < c_end)[None, :]
+
+
+@triton.jit
+def to_channels(member, per_group):
+    """Broadcast a per-group vector [R] to the channels of a tile [BLOCK_C]."""
+    return tl.sum(tl.where(member, per_group[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def to_groups(member, per_channel):
+    """Sum a per-channel vector [BLOCK_C] into the groups it belongs to [R]."""
+    return tl.sum(tl.where(member, per_channel[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def load_shift(x_sample, c_begin, c_end, Cg, C, S, R: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr):
+    """The pilot value of each of the R groups: its first element (channel g*Cg, position 0)."""
+    c = c_begin + tl.arange(0, R) * Cg
+    if CHANNELS_LAST:
+        off = c
+    else:
+        off = c.to(tl.int64) * S
+    return tl.load(x_sample + off, mask=c < c_end, other=0.0).to(ACC)
+
+
+@triton.jit
+def shifted_stats(
+    x_sample, shift, c_begin, c_end, s_begin, s_end, C, S, Cg,
+    R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Count, mean and M2 (sum of squared deviations) of `x - shift` for each of R groups.
+
+    Covers channels [c_begin, c_end) and positions [s_begin, s_end) of one sample. Each tile is
+    reduced exactly (mean, then squared deviations from it) and folded into the running values
+    with Chan's update, so the result does not depend on cancellation between large sums.
+    """
+    count = tl.zeros([R], ACC)
+    mean = tl.zeros([R], ACC)
+    m2 = tl.zeros([R], ACC)
+    for c0 in range(c_begin, c_end, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        member = group_membership(c, c_begin, c_end, Cg, R)
+        c_mask = c < c_end
+        shift_c = to_channels(member, shift)
+        channels_per_group = tl.sum(member.to(ACC), axis=1)
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = c_mask[:, None] & (s < s_end)[None, :]
+            x = tl.load(x_sample + tile_offsets(c, s, C, S, CHANNELS_LAST, INDEX_64), mask=mask, other=0.0)
+            d = tl.where(mask, x.to(ACC) - shift_c[:, None], 0.0)
+            tile_count = channels_per_group * tl.minimum(s_end - s0, BLOCK_S).to(ACC)
+            tile_mean = to_groups(member, tl.sum(d, axis=1)) / tl.maximum(tile_count, 1.0)
+            dev = tl.where(mask, d - to_channels(member, tile_mean)[:, None], 0.0)
+            tile_m2 = to_groups(member, tl.sum(dev * dev, axis=1))
+            # Chan et al.: merge (count, mean, m2) with the tile's (tile_count, tile_mean, tile_m2).
+            new_count = count + tile_count
+            delta = tile_mean - mean
+            weight = tile_count / tl.maximum(new_count, 1.0)
+            mean += delta * weight
+            m2 += tile_m2 + delta * delta * count * weight
+            count = new_count
+    return count, mean, m2
+
+
+@triton.jit
+def finalize_stats(count, mean_shifted, m2, shift, eps, ACC: tl.constexpr):
+    """(mean_hi, mean_lo, rstd) from the shifted statistics; mean_hi + mean_lo = shift + mean_shifted
+    exactly (TwoSum), and mean_hi is the mean rounded to ACC."""
+    var = m2 / tl.maximum(count, 1.0)  # count is 0 only for padding groups past G
+    # eps arrives as a runtime fp32 scalar; the cast keeps it from ever promoting the math to fp64.
+    eps = tl.cast(eps, ACC)
+    if ACC == tl.float64:
+        rstd = 1.0 / tl.sqrt(var + eps)
+    else:
+        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    mean_hi = shift + mean_shifted
+    part = mean_hi - shift
+    mean_lo = (shift - (mean_hi - part)) + (mean_shifted - part)
+    return mean_hi, mean_lo, rstd
+
+
+@triton.jit
+def normalize_span(
+    x_sample, y_sample, W, B, mean_hi, mean_lo, rstd, c_begin, c_end, s_begin, s_end, C, S, Cg,
+    R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """y = (x - mean_hi)*a + b with per-channel a = rstd*w, b = bias - mean_lo*a (one FMA per element)."""
+    for c0 in range(c_begin, c_end, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        member = group_membership(c, c_begin, c_end, Cg, R)
+        c_mask = c < c_end
+        a = to_channels(member, rstd)
+        if HAS_WEIGHT:
+            a *= tl.load(W + c, mask=c_mask, other=0.0).to(ACC)
+        b = -to_channels(member, mean_lo) * a
+        if HAS_BIAS:
+            b += tl.load(B + c, mask=c_mask, other=0.0).to(ACC)
+        hi = to_channels(member, mean_hi)
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = c_mask[:, None] & (s < s_end)[None, :]
+            offs = tile_offsets(c, s, C, S, CHANNELS_LAST, INDEX_64)
+            x = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC)
+            y = (x - hi[:, None]) * a[:, None] + b[:, None]
+            tl.store(y_sample + offs, y.to(y_sample.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def channel_grad_sums(
+    x_sample, dy_sample, mean_hi_c, c, c_end, s_begin, s_end, C, S,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Per-channel sums over positions [s_begin, s_end) of dy and of dy*(x - mean_hi), [BLOCK_C] each."""
+    c_mask = c < c_end
+    sum_dy = tl.zeros([BLOCK_C], ACC)
+    sum_dy_xc = tl.zeros([BLOCK_C], ACC)
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = c_mask[:, None] & (s < s_end)[None, :]
+        offs = tile_offsets(c, s, C, S, CHANNELS_LAST, INDEX_64)
+        x = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_sample + offs, mask=mask, other=0.0).to(ACC)
+        xc = tl.where(mask, x - mean_hi_c[:, None], 0.0)
+        sum_dy += tl.sum(dy, axis=1)
+        sum_dy_xc += tl.sum(dy * xc, axis=1)
+    return sum_dy, sum_dy_xc
+
+
+@triton.jit
+def dx_coefficients(sum_g_dy, sum_g_dy_xc, mean_lo, rstd, group_size):
+    """Per-group coefficients of dx = rstd*w[c]*dy + coef_x*(x - mean_hi) + coef_1.
+
+    With x_hat = rstd*(x - mean_hi - mean_lo), g = dy*w and <.> the mean over the group's
+    group_size elements, the GroupNorm input gradient is
+        dx = rstd*(g - <g> - x_hat*<g*x_hat>).
+    sum_g_dy = sum(w*dy) and sum_g_dy_xc = sum(w*dy*(x - mean_hi)) over the group, so
+    <g> = sum_g_dy/M and <g*x_hat> = rstd*(sum_g_dy_xc - mean_lo*sum_g_dy)/M.
+    """
+    mean_g = sum_g_dy / group_size
+    mean_g_xhat = rstd * (sum_g_dy_xc - mean_lo * sum_g_dy) / group_size
+    coef_x = -rstd * rstd * mean_g_xhat
+    coef_1 = -rstd * mean_g - coef_x * mean_lo
+    return coef_x, coef_1
+
+
+@triton.jit
+def dx_span(
+    x_sample, dy_sample, dx_sample, W, mean_hi, rstd, coef_x, coef_1, c_begin, c_end, s_begin, s_end,
+    C, S, Cg, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Write dx = a*dy + coef_x*(x - mean_hi) + coef_1 (a = rstd*w per channel) over a span."""
+    for c0 in range(c_begin, c_end, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        member = group_membership(c, c_begin, c_end, Cg, R)
+        c_mask = c < c_end
+        a = to_channels(member, rstd)
+        if HAS_WEIGHT:
+            a *= tl.load(W + c, mask=c_mask, other=0.0).to(ACC)
+        hi = to_channels(member, mean_hi)
+        kx = to_channels(member, coef_x)
+        k1 = to_channels(member, coef_1)
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = c_mask[:, None] & (s < s_end)[None, :]
+            offs = tile_offsets(c, s, C, S, CHANNELS_LAST, INDEX_64)
+            x = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(dy_sample + offs, mask=mask, other=0.0).to(ACC)
+            dx = a[:, None] * dy + kx[:, None] * (x - hi[:, None]) + k1[:, None]
+            tl.store(dx_sample + offs, dx.to(dx_sample.dtype.element_ty), mask=mask)

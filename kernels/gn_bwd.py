@@ -1,0 +1,196 @@
+"""GroupNorm backward kernels (deterministic: no atomics anywhere).
+
+With x_hat = rstd*(x - mean) and g = dy*w[c], the gradients are
+    dx      = rstd*(g - <g> - x_hat*<g*x_hat>)       (<.>: mean over the group)
+    dweight = sum over n, positions of dy*x_hat
+    dbias   = sum over n, positions of dy
+Every path first forms per-(n, c) sums of dy and of dy*(x - mean_hi) in a small ACC workspace
+Partials (N, C, SPLIT, 2); dx needs only their per-group weighted totals, and dweight/dbias are a
+fixed-order reduction of the workspace over n and spans (`_gn_bwd_dparams_kernel`).
+  fused: one program owns R whole groups: sums, then dx (the second read of x, dy hits L1/L2).
+  split: `_gn_bwd_partial_sums_kernel` writes per-span sums, `_gn_bwd_split_dx_kernel` merges the
+         row's spans in a fixed order and writes dx for its own span.
+"""
+
+import triton
+import triton.language as tl
+
+from ._tile import channel_grad_sums, dx_coefficients, dx_span, group_membership, to_channels, to_groups
+
+
+@triton.jit
+def _gn_bwd_fused_kernel(
+    X,  # (N, C, S) input of the forward
+    DY,  # (N, C, S) output gradient, X's layout
+    DX,  # (N, C, S) input gradient, X's dtype and layout; unused unless NEEDS_DX
+    W,  # (C,) weight; unused unless HAS_WEIGHT
+    Mean,  # (N, G) ACC
+    MeanLo,  # (N, G) ACC
+    Rstd,  # (N, G) ACC
+    Partials,  # (N, C, 1, 2) ACC: per-(n, c) sum(dy), sum(dy*(x - mean_hi)); unused unless NEEDS_PARTIALS
+    C, S, G, Cg,
+    R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, NEEDS_DX: tl.constexpr, NEEDS_PARTIALS: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    blocks_per_sample = tl.cdiv(G, R)
+    pid = tl.program_id(0)
+    n = pid // blocks_per_sample
+    g_begin = (pid % blocks_per_sample) * R
+    c_begin = g_begin * Cg
+    c_end = tl.minimum(c_begin + R * Cg, C)
+    x_sample = X + n.to(tl.int64) * C * S
+    dy_sample = DY + n.to(tl.int64) * C * S
+    g = g_begin + tl.arange(0, R)
+    stat = n * G + g
+    mean_hi = tl.load(Mean + stat, mask=g < G, other=0.0)
+    mean_lo = tl.load(MeanLo + stat, mask=g < G, other=0.0)
+    rstd = tl.load(Rstd + stat, mask=g < G, other=0.0)
+
+    sum_g_dy = tl.zeros([R], ACC)
+    sum_g_dy_xc = tl.zeros([R], ACC)
+    for c0 in range(c_begin, c_end, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        member = group_membership(c, c_begin, c_end, Cg, R)
+        sum_dy, sum_dy_xc = channel_grad_sums(
+            x_sample, dy_sample, to_channels(member, mean_hi), c, c_end, 0, S, C, S,
+            BLOCK_C, BLOCK_S, CHANNELS_LAST, INDEX_64, ACC,
+        )  # fmt: skip
+        if NEEDS_PARTIALS:
+            part = Partials + (n.to(tl.int64) * C + c) * 2
+            tl.store(part, sum_dy, mask=c < c_end)
+            tl.store(part + 1, sum_dy_xc, mask=c < c_end)
+        if HAS_WEIGHT:
+            w = tl.load(W + c, mask=c < c_end, other=0.0).to(ACC)
+            sum_dy *= w
+            sum_dy_xc *= w
+        sum_g_dy += to_groups(member, sum_dy)
+        sum_g_dy_xc += to_groups(member, sum_dy_xc)
+
+    if NEEDS_DX:
+        coef_x, coef_1 = dx_coefficients(sum_g_dy, sum_g_dy_xc, mean_lo, rstd, Cg * S)
+        dx_span(
+            x_sample, dy_sample, DX + n.to(tl.int64) * C * S, W, mean_hi, rstd, coef_x, coef_1,
+            c_begin, c_end, 0, S, C, S, Cg, R, BLOCK_C, BLOCK_S, HAS_WEIGHT, CHANNELS_LAST, INDEX_64, ACC,
+        )  # fmt: skip
+
+
+@triton.jit
+def _gn_bwd_partial_sums_kernel(
+    X,  # (N, C, S) input of the forward
+    DY,  # (N, C, S) output gradient, X's layout
+    Mean,  # (N, G) ACC
+    Partials,  # (N, C, SPLIT, 2) ACC: per-(n, c, span) sum(dy), sum(dy*(x - mean_hi))
+    row_offset, C, S, G, Cg, span, SPLIT,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    row = row_offset + tl.program_id(0)
+    j = tl.program_id(1)
+    n = row // G
+    c_begin = (row % G) * Cg
+    c_end = c_begin + Cg
+    s_begin = j * span
+    s_end = tl.minimum(s_begin + span, S)
+    x_sample = X + n.to(tl.int64) * C * S
+    dy_sample = DY + n.to(tl.int64) * C * S
+    mean_hi = tl.load(Mean + row)
+    for c0 in range(c_begin, c_end, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        sum_dy, sum_dy_xc = channel_grad_sums(
+            x_sample, dy_sample, tl.zeros([BLOCK_C], ACC) + mean_hi, c, c_end, s_begin, s_end, C, S,
+            BLOCK_C, BLOCK_S, CHANNELS_LAST, INDEX_64, ACC,
+        )  # fmt: skip
+        part = Partials + ((n.to(tl.int64) * C + c) * SPLIT + j) * 2
+        tl.store(part, sum_dy, mask=c < c_end)
+        tl.store(part + 1, sum_dy_xc, mask=c < c_end)
+
+
+@triton.jit
+def _gn_bwd_split_dx_kernel(
+    X,  # (N, C, S) input of the forward
+    DY,  # (N, C, S) output gradient, X's layout
+    DX,  # (N, C, S) input gradient, X's dtype and layout
+    W,  # (C,) weight; unused unless HAS_WEIGHT
+    Mean,  # (N, G) ACC
+    MeanLo,  # (N, G) ACC
+    Rstd,  # (N, G) ACC
+    Partials,  # (N, C, SPLIT, 2) ACC, from _gn_bwd_partial_sums_kernel
+    row_offset, C, S, G, Cg, span, SPLIT,
+    BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    row = row_offset + tl.program_id(0)
+    j = tl.program_id(1)
+    n = row // G
+    c_begin = (row % G) * Cg
+    c_end = c_begin + Cg
+    stat = row + tl.arange(0, 1)
+    mean_hi = tl.load(Mean + stat)
+    mean_lo = tl.load(MeanLo + stat)
+    rstd = tl.load(Rstd + stat)
+
+    sum_g_dy = tl.zeros([1], ACC)
+    sum_g_dy_xc = tl.zeros([1], ACC)
+    k = tl.arange(0, BLOCK_SPLIT)[None, :]
+    for c0 in range(c_begin, c_end, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c < c_end
+        mask = c_mask[:, None] & (k < SPLIT)
+        part = Partials + ((n.to(tl.int64) * C + c)[:, None] * SPLIT + k) * 2
+        sum_dy = tl.sum(tl.load(part, mask=mask, other=0.0), axis=1)
+        sum_dy_xc = tl.sum(tl.load(part + 1, mask=mask, other=0.0), axis=1)
+        if HAS_WEIGHT:
+            w = tl.load(W + c, mask=c_mask, other=0.0).to(ACC)
+            sum_dy *= w
+            sum_dy_xc *= w
+        member = group_membership(c, c_begin, c_end, Cg, 1)
+        sum_g_dy += to_groups(member, sum_dy)
+        sum_g_dy_xc += to_groups(member, sum_dy_xc)
+
+    coef_x, coef_1 = dx_coefficients(sum_g_dy, sum_g_dy_xc, mean_lo, rstd, Cg * S)
+    s_begin = j * span
+    s_end = tl.minimum(s_begin + span, S)
+    dx_span(
+        X + n.to(tl.int64) * C * S, DY + n.to(tl.int64) * C * S, DX + n.to(tl.int64) * C * S, W,
+        mean_hi, rstd, coef_x, coef_1, c_begin, c_end, s_begin, s_end, C, S, Cg,
+        1, BLOCK_C, BLOCK_S, HAS_WEIGHT, CHANNELS_LAST, INDEX_64, ACC,
+    )  # fmt: skip
+
+
+@triton.jit
+def _gn_bwd_dparams_kernel(
+    Partials,  # (N, C, SPLIT, 2) ACC: per-(n, c, span) sum(dy), sum(dy*(x - mean_hi))
+    MeanLo,  # (N, G) ACC
+    Rstd,  # (N, G) ACC
+    DW,  # (C,) weight gradient, weight's dtype; unused unless NEEDS_DW
+    DB,  # (C,) bias gradient, bias's dtype; unused unless NEEDS_DB
+    N, C, G, Cg, SPLIT,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    NEEDS_DW: tl.constexpr, NEEDS_DB: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """dweight[c] = sum_n rstd*(sum(dy*(x - mean_hi)) - mean_lo*sum(dy)), dbias[c] = sum_n sum(dy),
+    in a fixed order (n blocks, then spans): bitwise repeatable."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    dw = tl.zeros([BLOCK_C], ACC)
+    db = tl.zeros([BLOCK_C], ACC)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        mask = (n < N)[:, None] & c_mask[None, :]
+        sum_dy = tl.zeros([BLOCK_N, BLOCK_C], ACC)
+        sum_dy_xc = tl.zeros([BLOCK_N, BLOCK_C], ACC)
+        part = Partials + (n.to(tl.int64)[:, None] * C + c[None, :]) * SPLIT * 2
+        for j in range(0, SPLIT):
+            sum_dy += tl.load(part + j * 2, mask=mask, other=0.0)
+            sum_dy_xc += tl.load(part + j * 2 + 1, mask=mask, other=0.0)
+        db += tl.sum(sum_dy, axis=0)
+        if NEEDS_DW:
+            stat = n[:, None] * G + (c // Cg)[None, :]
+            rstd = tl.load(Rstd + stat, mask=mask, other=0.0)
+            mean_lo = tl.load(MeanLo + stat, mask=mask, other=0.0)
+            dw += tl.sum(rstd * (sum_dy_xc - mean_lo * sum_dy), axis=0)
+    if NEEDS_DW:
+        tl.store(DW + c, dw.to(DW.dtype.element_ty), mask=c_mask)
+    if NEEDS_DB:
+        tl.store(DB + c, db.to(DB.dtype.element_ty), mask=c_mask)
