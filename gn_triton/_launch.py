@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from torch._prims_common import suggest_memory_format
 
 from . import _tuning
 from ._tuning import INTERPRET, Plan, Problem
@@ -76,12 +77,9 @@ def check_group_norm_args(
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The memory format torch gives group_norm's output for `x` (channels_last kept for 4-D/5-D)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
+    """The memory format of group_norm's output for `x`: torch's suggestion from x's stride order, so
+    channels_last (also a sliced channels_last view) stays channels_last, as with torch's kernel."""
+    return suggest_memory_format(x)
 
 
 def stats_dtype(x: torch.Tensor) -> torch.dtype:

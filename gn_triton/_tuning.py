@@ -97,10 +97,14 @@ def device_info(device: torch.device) -> tuple[int, int]:
     return props.multi_processor_count, props.L2_cache_size
 
 
-def _tile(p: Problem, groups: int, elems: int) -> tuple[int, int]:
-    """(block_c, block_s) of about `elems` elements, long along the layout's contiguous axis."""
+def _tile(p: Problem, groups: int, elems: int, split: int) -> tuple[int, int]:
+    """(block_c, block_s) of about `elems` elements, long along the layout's contiguous axis, and
+    short enough along positions that a row splits into `split` spans."""
     channels = triton.next_power_of_2(p.Cg * groups)
     positions = triton.next_power_of_2(p.S)
+    if split > 1:
+        span = triton.cdiv(p.S, split)
+        positions = min(positions, max(16, 1 << (span.bit_length() - 1)))
     if p.channels_last:
         block_c = min(channels, elems)
         return block_c, min(positions, max(1, elems // block_c))
@@ -109,7 +113,7 @@ def _tile(p: Problem, groups: int, elems: int) -> tuple[int, int]:
 
 
 def _make_plan(p: Problem, split: int, groups: int, elems: int, num_warps: int, wave_rows: int) -> Plan:
-    block_c, block_s = _tile(p, groups, elems)
+    block_c, block_s = _tile(p, groups, elems, split)
     return Plan(split, groups, block_c, block_s, num_warps, wave_rows).fit(p)
 
 
@@ -156,14 +160,14 @@ def candidate_plans(direction: str, p: Problem, device: torch.device) -> list[Pl
     sms, l2_bytes = device_info(device)
     plans = [heuristic_plan(direction, p, device)]
     wave = _wave_rows(direction, p, l2_bytes)
-    for elems in (2048, 4096, 8192):
-        for num_warps in (4, 8):
-            if p.rows >= sms:
-                plans.append(_make_plan(p, 1, 1, elems, num_warps, 0))
-            split = 2
-            while split <= 256 and (wave or p.rows) * split <= 32 * sms:
-                plans.append(_make_plan(p, split, 1, elems, num_warps, wave))
-                split *= 2
+    for elems, num_warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8)):
+        if p.rows >= sms:
+            plans.append(_make_plan(p, 1, 1, elems, num_warps, 0))
+        for wave_rows in dict.fromkeys((wave, 0)):  # waves that fit L2, or all rows at once
+            for programs_per_sm in (2, 4, 8, 16):
+                split = triton.cdiv(programs_per_sm * sms, wave_rows or p.rows)
+                if split > 1:
+                    plans.append(_make_plan(p, split, 1, elems, num_warps, wave_rows))
     return list(dict.fromkeys(plans))  # fit() folds equivalent plans together
 
 

@@ -1,0 +1,219 @@
+"""Static kernel report: compile gn_triton's kernels ahead of time for NVIDIA GPUs, no GPU needed.
+
+    python -m perf.static_report            # every kernel of every plan the autotuner can pick
+    python -m perf.static_report --quick    # one plan per path and dtype/layout (the test suite)
+
+For each kernel and config it compiles a cubin for sm_80 and sm_90 with the same divisibility-by-16
+specialisation the runtime applies to aligned pointers and sizes, and reads with the cuobjdump that
+ships in the triton wheel: registers, local-memory (spill) bytes, shared memory, and the widest
+global load of the kernel (LDG.E.128 = 128-bit, vectorised). It must run without TRITON_INTERPRET:
+the interpreter replaces the kernels with Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from gn_triton import _tuning, kernels
+from gn_triton._tuning import Plan, Problem
+
+ARCHS = (80, 90)
+H100 = (132, 50 << 20)  # SM count and L2 bytes the planner is asked to plan for
+
+# Problems whose candidate plans span what the autotuner can pick: batch 1 and 32 of SD/VAE-like
+# shapes, a tiny-row shape, NCHW and NHWC, 16- and 32-bit.
+SUITE = [
+    (1, 320, 64 * 64, 32),
+    (32, 320, 64 * 64, 32),
+    (1, 128, 256 * 256, 32),
+    (64, 256, 7 * 7, 32),
+]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TL_DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32", "fp64": "*fp64"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One kernel compiled with one set of constexprs."""
+
+    kernel: str
+    dtype: str
+    channels_last: bool
+    constexprs: tuple  # sorted (name, value) pairs
+    num_warps: int
+
+
+def _specs_for_plan(dtype: str, channels_last: bool, plan: Plan) -> list[Spec]:
+    flags = dict(CHANNELS_LAST=channels_last, INDEX_64=False)
+    tile = dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s)
+    specs = []
+
+    def add(name: str, **constexprs):
+        items = tuple(sorted({**constexprs, **flags}.items()))
+        specs.append(Spec(name, dtype, channels_last, items, plan.num_warps))
+
+    if plan.split == 1:
+        r = plan.groups_per_program
+        add("_gn_fwd_fused_kernel", R=r, HAS_WEIGHT=True, HAS_BIAS=True, **tile)
+        add("_gn_bwd_fused_kernel", R=r, HAS_WEIGHT=True, NEEDS_DX=True, NEEDS_PARTIALS=True, **tile)
+    else:
+        block_split = triton.next_power_of_2(plan.split)
+        add("_gn_fwd_partial_stats_kernel", **tile)
+        add("_gn_fwd_split_apply_kernel", BLOCK_SPLIT=block_split, HAS_WEIGHT=True, HAS_BIAS=True, **tile)
+        add("_gn_bwd_partial_sums_kernel", **tile)
+        add("_gn_bwd_split_dx_kernel", BLOCK_SPLIT=block_split, HAS_WEIGHT=True, **tile)
+    return specs
+
+
+def all_specs(quick: bool) -> list[Spec]:
+    """The specs of every plan the autotuner can pick for SUITE (quick: one plan per path)."""
+    _tuning.device_info.cache_clear()
+    real_info = _tuning.device_info
+    _tuning.device_info = lambda device: H100
+    try:
+        specs: dict[Spec, None] = {}
+        for dtype, torch_dtype in DTYPES.items():
+            for channels_last in (False, True):
+                for N, C, S, G in SUITE:
+                    p = Problem(N, C, S, G, torch_dtype, channels_last, True, True)
+                    for direction in ("fwd", "bwd"):
+                        device = torch.device("cuda")
+                        plans = (
+                            [_tuning.heuristic_plan(direction, p, device)]
+                            if quick
+                            else _tuning.candidate_plans(direction, p, device)
+                        )
+                        for plan in plans:
+                            specs.update(dict.fromkeys(_specs_for_plan(dtype, channels_last, plan)))
+                if quick and dtype != "fp16":
+                    break  # one layout is enough for the other dtypes in quick mode
+        dparams = Spec("_gn_bwd_dparams_kernel", "fp32", False,
+                       tuple(sorted(dict(BLOCK_N=16, BLOCK_C=128, NEEDS_DW=True, NEEDS_DB=True).items())), 4)  # fmt: skip
+        specs[dparams] = None
+        return list(specs)
+    finally:
+        _tuning.device_info = real_info
+
+
+def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ASTSource: pointers and i32 sizes marked divisible by 16,
+    as the runtime marks 16-byte-aligned pointers and multiple-of-16 sizes."""
+    constexprs = dict(spec.constexprs)
+    constexprs["ACC"] = tl.float32
+    data = TL_DTYPES[spec.dtype]
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        if name in ("X", "Y", "DY", "DX", "W", "B", "DW", "DB"):
+            signature[name] = data if spec.kernel != "_gn_bwd_dparams_kernel" else "*fp32"
+        elif name in ("Mean", "MeanLo", "Rstd", "Partials"):
+            signature[name] = "*fp32"  # statistics and workspaces
+        elif name == "eps":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+        if signature[name].startswith("*") or name in ("C", "S", "span"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def _cuobjdump() -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def compile_and_inspect(spec: Spec, arch: int) -> dict:
+    """Compile one spec for sm_<arch>; registers, spills, shared memory and widest global load."""
+    fn = getattr(kernels, spec.kernel)
+    signature, constexprs, attrs = _signature(fn, spec)
+    row = dict(kernel=spec.kernel, dtype=spec.dtype, channels_last=spec.channels_last, arch=f"sm_{arch}",
+               num_warps=spec.num_warps, **dict(spec.constexprs))  # fmt: skip
+    try:
+        compiled = triton.compile(
+            ASTSource(fn, signature, constexprs, attrs),
+            target=GPUTarget("cuda", arch, 32),
+            options=dict(num_warps=spec.num_warps),
+        )
+    except Exception as exc:  # report it: a kernel the compiler rejects is what this report is for
+        return dict(row, error=f"{type(exc).__name__}: {exc}"[:500])
+    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"gn_{os.getpid()}_{spec.kernel}.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    try:
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)],
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+        sass = subprocess.run([_cuobjdump(), "--dump-sass", str(cubin)],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+    finally:
+        cubin.unlink(missing_ok=True)
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
+    widths = [int(w or 32) for w in re.findall(r"LDG\.E(?:\.[A-Z]+)*?(?:\.(\d+))?(?:\.[A-Z]+)*\s", sass)]
+    return dict(row, registers=registers, spill_bytes=local, shared_bytes=shared,
+                widest_load_bits=max(widths, default=0), global_loads=len(widths))  # fmt: skip
+
+
+def _inspect(args: tuple[Spec, int]) -> dict:
+    return compile_and_inspect(*args)
+
+
+def run(quick: bool, jobs: int) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("static_report compiles real kernels: run it without TRITON_INTERPRET=1")
+    work = [(spec, arch) for spec in all_specs(quick) for arch in ARCHS]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_inspect, work))
+
+
+def launches_per_call() -> list[str]:
+    """The number of launches each path makes, for the report's header."""
+    return [
+        "forward  fused: 1 launch            | split: 2 launches per wave (partial stats, merge+apply)",
+        "backward fused: 1 launch (+1 tiny dweight/dbias reduction) | split: 2 per wave (+1 tiny reduction)",
+        "floor bytes: forward = read x + write y; backward = read x, dy + write dx",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one plan per path (what the tests check)")
+    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    rows = run(args.quick, args.jobs)
+    print("\n".join(launches_per_call()))
+    header = f"{'kernel':32} {'dtype':5} {'layout':6} {'arch':6} {'warps':>5} {'tile':>9} {'regs':>4} "
+    print(header + f"{'spill':>5} {'smem':>6} {'ldg':>4}")
+    for r in rows:
+        tile = f"{r.get('BLOCK_C', '-')}x{r.get('BLOCK_S', '-')}"
+        layout = "nhwc" if r["channels_last"] else "nchw"
+        start = f"{r['kernel']:32} {r['dtype']:5} {layout:6} {r['arch']:6} {r['num_warps']:>5} {tile:>9} "
+        if "error" in r:
+            print(start + "ERROR " + r["error"])
+        else:
+            print(start + f"{r['registers']:>4} {r['spill_bytes']:>5} {r['shared_bytes']:>6} {r['widest_load_bits']:>4}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    failed = [r for r in rows if "error" in r]
+    print(f"{len(rows)} compilations, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The drop-in API: module, signatures, bad input, empty input, skipped gradients, custom ops,
+torch.compile, the CPU fallback and the autotuner's cache."""
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gn_testing import error, make_input, make_params, reference
+
+import gn_triton
+from gn_triton import _launch, _ops, _tuning
+
+
+def test_signatures_match_torch():
+    assert inspect.signature(gn_triton.group_norm).parameters.keys() == inspect.signature(F.group_norm).parameters.keys()
+    for name, p in inspect.signature(F.group_norm).parameters.items():
+        assert inspect.signature(gn_triton.group_norm).parameters[name].default == p.default
+    assert inspect.signature(gn_triton.GroupNorm.__init__) == inspect.signature(torch.nn.GroupNorm.__init__)
+
+
+def test_module_is_a_drop_in(device):
+    torch_gn = torch.nn.GroupNorm(4, 8, eps=1e-4, device=device)
+    with torch.no_grad():
+        torch_gn.weight.normal_()
+        torch_gn.bias.normal_()
+    ours = gn_triton.GroupNorm(4, 8, eps=1e-4, device=device)
+    assert isinstance(ours, torch.nn.GroupNorm)
+    assert repr(ours) == repr(torch_gn)
+    ours.load_state_dict(torch_gn.state_dict())
+    assert ours.state_dict().keys() == torch_gn.state_dict().keys()
+    back = torch.nn.GroupNorm(4, 8, eps=1e-4, device=device)
+    back.load_state_dict(ours.state_dict())
+    assert torch.equal(back.weight, torch_gn.weight)
+    x = make_input((2, 8, 3, 3), torch.float32, device)
+    expected = reference(x, 4, torch_gn.weight.detach(), torch_gn.bias.detach(), torch.ones_like(x), eps=1e-4)[0]
+    assert error(ours(x), expected) < 1e-5
+    plain = gn_triton.GroupNorm(2, 6, affine=False, device=device)
+    assert plain.weight is None and plain.bias is None
+    x = make_input((2, 6, 4), device=device)
+    assert error(plain(x), reference(x, 2, None, None, torch.ones_like(x))[0]) < 1e-5
+    nobias = gn_triton.GroupNorm(2, 6, bias=False, device=device)
+    assert nobias.bias is None and nobias.weight is not None
+
+
+def test_module_trains(device):
+    """A GroupNorm inside a small model gets the same parameter gradients as torch's module."""
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(3, 8, 3, device=device, dtype=torch.float64)
+    x = torch.randn(2, 3, 6, 6, device=device, dtype=torch.float64)
+    grads = []
+    for cls in (torch.nn.GroupNorm, gn_triton.GroupNorm):
+        norm = cls(4, 8, device=device, dtype=torch.float64)
+        conv.zero_grad()
+        norm(conv(x)).square().sum().backward()
+        grads.append((conv.weight.grad.clone(), norm.weight.grad.clone(), norm.bias.grad.clone()))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+BAD_INPUTS = [
+    # (name, kwargs builder, exception, words the message must contain)
+    ("C not divisible", lambda d: dict(input=torch.randn(2, 5, 3, device=d), num_groups=2), RuntimeError, ["divisible", "num_groups=2", "(2, 5, 3)"]),
+    ("num_groups 0", lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=0), ValueError, ["num_groups", "0"]),
+    ("num_groups negative", lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=-2), ValueError, ["num_groups", "-2"]),
+    ("1-D input", lambda d: dict(input=torch.randn(4, device=d), num_groups=2), RuntimeError, ["2 dimensions", "(4,)"]),
+    ("weight shape", lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2, weight=torch.randn(3, device=d)), RuntimeError, ["weight", "(3,)", "4"]),
+    ("bias shape", lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2, bias=torch.randn(4, 1, device=d)), RuntimeError, ["bias", "(4, 1)"]),
+    ("integer input", lambda d: dict(input=torch.ones(2, 4, 3, dtype=torch.int64, device=d), num_groups=2), TypeError, ["floating", "torch.int64"]),
+    ("integer weight", lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2, weight=torch.ones(4, dtype=torch.int32, device=d)), TypeError, ["weight", "torch.int32"]),
+    ("weight on another device", lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2, weight=torch.randn(4, device="meta")), RuntimeError, ["same device", "weight", "meta"]),
+    ("num_groups float", lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2.0), TypeError, ["num_groups", "float"]),
+]
+
+
+@pytest.mark.parametrize("name,build,exc,words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input(name, build, exc, words, device):
+    kwargs = build(device)
+    with pytest.raises(exc) as info:
+        gn_triton.group_norm(**kwargs)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 3), (0, 4)], ids=["N=0", "empty spatial", "N=0 (N, C)"])
+def test_empty_input(shape, device):
+    x = torch.randn(shape, device=device, requires_grad=True)
+    w, b = (p.requires_grad_() for p in make_params(4, torch.float32, device))
+    y = gn_triton.group_norm(x, 2, w, b)
+    assert y.shape == F.group_norm(x, 2, w, b).shape and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_only_requested_gradients_are_computed(device, monkeypatch):
+    """A frozen input gets no dx launch; frozen parameters get no dweight/dbias launch."""
+    launched = []
+    for name in ("_gn_bwd_split_dx_kernel", "_gn_bwd_dparams_kernel", "_gn_bwd_partial_sums_kernel"):
+        kernel = getattr(_launch, name)
+
+        class Spy:
+            def __init__(self, name, kernel):
+                self.name, self.kernel = name, kernel
+
+            def __getitem__(self, grid):
+                launched.append(self.name)
+                return self.kernel[grid]
+
+        monkeypatch.setattr(_launch, name, Spy(name, kernel))
+    x = make_input((2, 4, 4, 4), torch.float32, device)
+    w, b = make_params(4, torch.float32, device)
+    with _tuning.override_plan(split=2, block_s=8):
+        gn_triton.group_norm(x, 2, w.requires_grad_(), b).sum().backward()  # x frozen, b frozen
+        assert "_gn_bwd_split_dx_kernel" not in launched and "_gn_bwd_dparams_kernel" in launched
+        launched.clear()
+        w.requires_grad_(False)
+        x.requires_grad_()
+        gn_triton.group_norm(x, 2, w, b).sum().backward()
+        assert "_gn_bwd_split_dx_kernel" in launched and "_gn_bwd_dparams_kernel" not in launched
+    assert w.grad is not None and b.grad is None
+
+
+def test_bwd_op_returns_empty_for_skipped_grads(device):
+    x = make_input((2, 4, 3), torch.float32, device)
+    w, b = make_params(4, torch.float32, device)
+    y, mean, mean_lo, rstd = _ops.group_norm_fwd(x, w, b, 2, 1e-5)
+    dx, dw, db = _ops.group_norm_bwd(torch.randn_like(y), x, w, b, mean, mean_lo, rstd, 2, [False, True, False])
+    assert dx.numel() == 0 and db.numel() == 0 and dw.shape == w.shape
+
+
+def test_saved_statistics(device):
+    """mean/rstd are (N, G) fp32 and match the float64 statistics; mean + mean_lo is more exact."""
+    x = make_input((2, 4, 8, 8), torch.float32, device, offset=1e4)
+    _, mean, mean_lo, rstd = _ops.group_norm_fwd(x, None, None, 2, 1e-5)
+    rows = x.double().reshape(2, 2, -1)
+    true_mean = rows.mean(-1)
+    assert mean.shape == (2, 2) and mean.dtype == torch.float32
+    assert torch.equal(mean, true_mean.float())  # the correctly rounded mean
+    assert ((mean.double() + mean_lo.double()) - true_mean).abs().max() < 1e-6
+    assert torch.allclose(rstd.double(), 1 / (rows.var(-1, unbiased=False) + 1e-5).sqrt(), rtol=1e-6)
+
+
+def test_opcheck(device):
+    x = make_input((2, 4, 3, 3), torch.float32, device)
+    w, b = make_params(4, torch.float32, device)
+    torch.library.opcheck(_ops.group_norm_fwd, (x, w, b, 2, 1e-5))
+    torch.library.opcheck(_ops.group_norm_fwd, (x.to(memory_format=torch.channels_last), None, b, 2, 1e-5))
+    y, mean, mean_lo, rstd = _ops.group_norm_fwd(x, w, b, 2, 1e-5)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(_ops.group_norm_bwd, (dy, x, w, b, mean, mean_lo, rstd, 2, [True, True, True]))
+    torch.library.opcheck(_ops.group_norm_bwd, (dy, x, None, b, mean, mean_lo, rstd, 2, [True, False, True]))
+
+
+def test_torch_compile_fullgraph(device):
+    """Forward and backward of conv + GroupNorm compile with no graph break and match eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, device=device), gn_triton.GroupNorm(4, 8, device=device))
+    x = torch.randn(2, 3, 6, 6, device=device)
+    eager_y = model(x)
+    eager_y.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    assert torch.allclose(y, eager_y, atol=1e-5)
+    for g, e in zip((p.grad for p in model.parameters()), eager_grads):
+        assert torch.allclose(g, e, atol=1e-4)
+
+
+def test_cpu_falls_back_to_torch_without_interpreter(monkeypatch):
+    """Outside the interpreter a CPU tensor runs torch's own kernel, so models still run on CPU."""
+    monkeypatch.setattr(_launch, "INTERPRET", False)
+    x = torch.randn(2, 4, 3, 3)
+    w, b = make_params(4)
+    assert torch.equal(gn_triton.group_norm(x, 2, w, b), F.group_norm(x, 2, w, b))
+    with pytest.raises(RuntimeError, match="divisible"):
+        gn_triton.group_norm(torch.randn(2, 5, 3), 2)
+
+
+def test_autotune_key_buckets_and_caches(monkeypatch):
+    """Tuning times each candidate once per key; a batch size in the same bucket reuses the plan."""
+    monkeypatch.setattr(_tuning, "autotune_enabled", lambda device: True)
+    monkeypatch.setattr(_tuning, "device_info", lambda device: (132, 50 << 20))
+    monkeypatch.setattr(_tuning, "_tuned", {})
+    timed = []
+
+    def fake_bench(fn, **kwargs):
+        timed.append(fn)
+        return float(len(timed))  # the first candidate (the heuristic plan) wins
+
+    monkeypatch.setattr(_tuning.triton.testing, "do_bench", fake_bench)
+    cuda = torch.device("cuda")
+    launch = lambda plan: None
+    p5 = _tuning.Problem(5, 320, 4096, 32, torch.float16, False, True, True)
+    p7 = _tuning.Problem(7, 320, 4096, 32, torch.float16, False, True, True)
+    plan5 = _tuning.choose_plan("fwd", p5, cuda, launch)
+    n_candidates = len(timed)
+    assert n_candidates == len(_tuning.candidate_plans("fwd", p5, cuda)) > 1
+    assert plan5 == _tuning.heuristic_plan("fwd", p5, cuda)
+    assert _tuning.choose_plan("fwd", p7, cuda, launch) == plan5.fit(p7)  # same bucket (8): no timing
+    assert len(timed) == n_candidates
+    _tuning.choose_plan("fwd", p5, cuda, launch)
+    assert len(timed) == n_candidates
+    _tuning.choose_plan("bwd", p5, cuda, launch)
+    assert len(timed) > n_candidates
+
+
+def test_batch1_is_split_across_the_gpu():
+    """Batch 1 with G=32 must not run on 32 programs: the planner splits rows over the SMs."""
+    p = _tuning.Problem(1, 320, 64 * 64, 32, torch.float16, False, True, True)
+    info = _tuning.device_info
+    try:
+        _tuning.device_info = lambda device: (132, 50 << 20)
+        for direction in ("fwd", "bwd"):
+            plan = _tuning.heuristic_plan(direction, p, torch.device("cuda"))
+            assert plan.split > 1 and p.rows * plan.span(p.S)[1] >= 2 * 132
+        big = _tuning.Problem(64, 320, 64 * 64, 32, torch.float16, False, True, True)
+        assert _tuning.heuristic_plan("fwd", big, torch.device("cuda")).split == 1
+    finally:
+        _tuning.device_info = info
