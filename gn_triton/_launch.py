@@ -57,6 +57,9 @@ def check_group_norm_args(
             f"group_norm(): expected number of channels in input to be divisible by num_groups, "
             f"but got input of shape {tuple(x.shape)} and num_groups={num_groups}"
         )
+    if x.numel() and x.shape[0] * (channels // num_groups) * math.prod(x.shape[2:]) == 1:
+        # torch.nn.functional.group_norm refuses this degenerate case too, with the same error.
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
     for name, param in (("weight", weight), ("bias", bias)):
         if param is None:
             continue

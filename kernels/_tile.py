@@ -108,7 +108,8 @@ def finalize_stats(count, mean_shifted, m2, shift, eps, ACC: tl.constexpr):
     """(mean_hi, mean_lo, rstd) from the shifted statistics; mean_hi + mean_lo = shift + mean_shifted
     exactly (TwoSum), and mean_hi is the mean rounded to ACC."""
     var = m2 / tl.maximum(count, 1.0)  # count is 0 only for padding groups past G
-    # eps arrives as a runtime fp32 scalar; the cast keeps it from ever promoting the math to fp64.
+    # eps is a runtime fp32 scalar (Triton passes Python floats as fp32, so 1e-5 arrives as
+    # 9.99999975e-06, for fp64 input too); the cast keeps any caller from promoting the math to fp64.
     eps = tl.cast(eps, ACC)
     if ACC == tl.float64:
         rstd = 1.0 / tl.sqrt(var + eps)
@@ -149,8 +150,8 @@ def normalize_span(
 
 @triton.jit
 def channel_grad_sums(
-    x_sample, dy_sample, mean_hi_c, c, c_end, s_begin, s_end, C, S,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    x_sample, dy_sample, mean_hi_c, c, c_end, s_begin, s_end, C, S, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Per-channel sums over positions [s_begin, s_end) of dy and of dy*(x - mean_hi), [BLOCK_C] each."""
     c_mask = c < c_end

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import re
@@ -56,16 +55,17 @@ class Spec:
     channels_last: bool
     constexprs: tuple  # sorted (name, value) pairs
     num_warps: int
+    aligned: bool  # C and S multiples of 16: the runtime then specialises them as divisible by 16
 
 
-def _specs_for_plan(dtype: str, channels_last: bool, plan: Plan) -> list[Spec]:
+def _specs_for_plan(dtype: str, channels_last: bool, plan: Plan, aligned: bool) -> list[Spec]:
     flags = dict(CHANNELS_LAST=channels_last, INDEX_64=False)
     tile = dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s)
     specs = []
 
     def add(name: str, **constexprs):
         items = tuple(sorted({**constexprs, **flags}.items()))
-        specs.append(Spec(name, dtype, channels_last, items, plan.num_warps))
+        specs.append(Spec(name, dtype, channels_last, items, plan.num_warps, aligned))
 
     if plan.split == 1:
         r = plan.groups_per_program
@@ -98,13 +98,13 @@ def all_specs(quick: bool) -> list[Spec]:
                             if quick
                             else _tuning.candidate_plans(direction, p, device)
                         )
+                        aligned = C % 16 == 0 and S % 16 == 0
                         for plan in plans:
-                            specs.update(dict.fromkeys(_specs_for_plan(dtype, channels_last, plan)))
+                            specs.update(dict.fromkeys(_specs_for_plan(dtype, channels_last, plan, aligned)))
                 if quick and dtype != "fp16":
                     break  # one layout is enough for the other dtypes in quick mode
-        dparams = Spec("_gn_bwd_dparams_kernel", "fp32", False,
-                       tuple(sorted(dict(BLOCK_N=16, BLOCK_C=128, NEEDS_DW=True, NEEDS_DB=True).items())), 4)  # fmt: skip
-        specs[dparams] = None
+        dparams = dict(BLOCK_N=16, BLOCK_C=128, NEEDS_DW=True, NEEDS_DB=True)
+        specs[Spec("_gn_bwd_dparams_kernel", "fp32", False, tuple(sorted(dparams.items())), 4, True)] = None
         return list(specs)
     finally:
         _tuning.device_info = real_info
@@ -129,7 +129,9 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-        if signature[name].startswith("*") or name in ("C", "S", "span"):
+        sizes = ("C", "S") if spec.aligned else ()
+        span_aligned = constexprs.get("BLOCK_S", 0) % 16 == 0  # a span is a whole number of tiles
+        if signature[name].startswith("*") or name in sizes or (name == "span" and span_aligned):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, constexprs, attrs
 
@@ -142,8 +144,8 @@ def compile_and_inspect(spec: Spec, arch: int) -> dict:
     """Compile one spec for sm_<arch>; registers, spills, shared memory and widest global load."""
     fn = getattr(kernels, spec.kernel)
     signature, constexprs, attrs = _signature(fn, spec)
-    row = dict(kernel=spec.kernel, dtype=spec.dtype, channels_last=spec.channels_last, arch=f"sm_{arch}",
-               num_warps=spec.num_warps, **dict(spec.constexprs))  # fmt: skip
+    row = dict(kernel=spec.kernel, dtype=spec.dtype, channels_last=spec.channels_last, aligned=spec.aligned,
+               arch=f"sm_{arch}", num_warps=spec.num_warps, **dict(spec.constexprs))  # fmt: skip
     try:
         compiled = triton.compile(
             ASTSource(fn, signature, constexprs, attrs),
@@ -207,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             print(start + "ERROR " + r["error"])
         else:
-            print(start + f"{r['registers']:>4} {r['spill_bytes']:>5} {r['shared_bytes']:>6} {r['widest_load_bits']:>4}")
+            print(
+                start + f"{r['registers']:>4} {r['spill_bytes']:>5} {r['shared_bytes']:>6} {r['widest_load_bits']:>4}"
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     failed = [r for r in rows if "error" in r]

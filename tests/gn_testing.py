@@ -55,7 +55,14 @@ def forward_backward(fn, x, num_groups, weight, bias, dy, eps=1e-5, dtype=None):
     return y.detach(), x_.grad, None if w_ is None else w_.grad, None if b_ is None else b_.grad
 
 
+def kernel_eps(eps: float) -> float:
+    """eps as the kernels apply it: a runtime fp32 scalar (documented; matters only for fp64 input)."""
+    return torch.tensor(eps, dtype=torch.float32).item()
+
+
 def reference(x, num_groups, weight, bias, dy, eps=1e-5):
+    if x.dtype == torch.float64:
+        eps = kernel_eps(eps)
     return forward_backward(group_norm_reference, x, num_groups, weight, bias, dy, eps, dtype=torch.float64)
 
 

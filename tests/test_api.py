@@ -13,7 +13,9 @@ from gn_triton import _launch, _ops, _tuning
 
 
 def test_signatures_match_torch():
-    assert inspect.signature(gn_triton.group_norm).parameters.keys() == inspect.signature(F.group_norm).parameters.keys()
+    assert (
+        inspect.signature(gn_triton.group_norm).parameters.keys() == inspect.signature(F.group_norm).parameters.keys()
+    )
     for name, p in inspect.signature(F.group_norm).parameters.items():
         assert inspect.signature(gn_triton.group_norm).parameters[name].default == p.default
     assert inspect.signature(gn_triton.GroupNorm.__init__) == inspect.signature(torch.nn.GroupNorm.__init__)
@@ -60,16 +62,69 @@ def test_module_trains(device):
 
 BAD_INPUTS = [
     # (name, kwargs builder, exception, words the message must contain)
-    ("C not divisible", lambda d: dict(input=torch.randn(2, 5, 3, device=d), num_groups=2), RuntimeError, ["divisible", "num_groups=2", "(2, 5, 3)"]),
-    ("num_groups 0", lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=0), ValueError, ["num_groups", "0"]),
-    ("num_groups negative", lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=-2), ValueError, ["num_groups", "-2"]),
+    (
+        "C not divisible",
+        lambda d: dict(input=torch.randn(2, 5, 3, device=d), num_groups=2),
+        RuntimeError,
+        ["divisible", "num_groups=2", "(2, 5, 3)"],
+    ),
+    (
+        "num_groups 0",
+        lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=0),
+        ValueError,
+        ["num_groups", "0"],
+    ),
+    (
+        "num_groups negative",
+        lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=-2),
+        ValueError,
+        ["num_groups", "-2"],
+    ),
     ("1-D input", lambda d: dict(input=torch.randn(4, device=d), num_groups=2), RuntimeError, ["2 dimensions", "(4,)"]),
-    ("weight shape", lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2, weight=torch.randn(3, device=d)), RuntimeError, ["weight", "(3,)", "4"]),
-    ("bias shape", lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2, bias=torch.randn(4, 1, device=d)), RuntimeError, ["bias", "(4, 1)"]),
-    ("integer input", lambda d: dict(input=torch.ones(2, 4, 3, dtype=torch.int64, device=d), num_groups=2), TypeError, ["floating", "torch.int64"]),
-    ("integer weight", lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2, weight=torch.ones(4, dtype=torch.int32, device=d)), TypeError, ["weight", "torch.int32"]),
-    ("weight on another device", lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2, weight=torch.randn(4, device="meta")), RuntimeError, ["same device", "weight", "meta"]),
-    ("num_groups float", lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2.0), TypeError, ["num_groups", "float"]),
+    (
+        "weight shape",
+        lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2, weight=torch.randn(3, device=d)),
+        RuntimeError,
+        ["weight", "(3,)", "4"],
+    ),
+    (
+        "bias shape",
+        lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2, bias=torch.randn(4, 1, device=d)),
+        RuntimeError,
+        ["bias", "(4, 1)"],
+    ),
+    (
+        "integer input",
+        lambda d: dict(input=torch.ones(2, 4, 3, dtype=torch.int64, device=d), num_groups=2),
+        TypeError,
+        ["floating", "torch.int64"],
+    ),
+    (
+        "integer weight",
+        lambda d: dict(
+            input=torch.randn(2, 4, 3, device=d), num_groups=2, weight=torch.ones(4, dtype=torch.int32, device=d)
+        ),
+        TypeError,
+        ["weight", "torch.int32"],
+    ),
+    (
+        "weight on another device",
+        lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2, weight=torch.randn(4, device="meta")),
+        RuntimeError,
+        ["same device", "weight", "meta"],
+    ),
+    (
+        "one value per group",
+        lambda d: dict(input=torch.randn(1, 4, 1, device=d), num_groups=4),
+        ValueError,
+        ["more than 1 value", "[1, 4, 1]"],
+    ),
+    (
+        "num_groups float",
+        lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2.0),
+        TypeError,
+        ["num_groups", "float"],
+    ),
 ]
 
 

@@ -67,7 +67,9 @@ def test_channels_last_16bit(dtype, device):
     assert_matches_reference(x, 4, w, b)
 
 
-@pytest.mark.parametrize("weight,bias", [(False, True), (True, False), (False, False)], ids=["bias only", "weight only", "neither"])
+@pytest.mark.parametrize(
+    "weight,bias", [(False, True), (True, False), (False, False)], ids=["bias only", "weight only", "neither"]
+)
 @pytest.mark.parametrize("path", ["heuristic", "split 3, small tiles"])
 def test_optional_affine(weight, bias, path, device):
     """weight None with a bias works in forward and backward (torch's own CPU backward crashes)."""
