@@ -1,0 +1,100 @@
+"""The GroupNorm implementations the sweep compares, each behind F.group_norm's signature.
+
+A provider that cannot run here (package absent, unsupported dtype/layout) says why instead of
+being timed; the sweep prints the reason and records it in the CSV.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GroupNormFn = Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+@dataclass
+class Provider:
+    name: str
+    fn: GroupNormFn | None
+    why_not: str = ""  # empty when available
+
+    def unsupported(self, x: torch.Tensor) -> str:
+        """A reason this provider cannot run on x, or ''."""
+        if self.fn is None:
+            return self.why_not
+        if self.name == "apex_nhwc" and not x.is_contiguous(memory_format=torch.channels_last):
+            return "apex's GroupNorm is NHWC-only"
+        if self.name == "apex_nhwc" and x.dtype not in (torch.float16, torch.bfloat16):
+            return "apex's GroupNorm takes fp16/bf16 only"
+        return ""
+
+
+def _gn_triton() -> Provider:
+    import gn_triton
+
+    return Provider("gn_triton", gn_triton.group_norm)
+
+
+def _torch_compile() -> Provider:
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 512)
+    compiled = torch.compile(F.group_norm, dynamic=False)
+    return Provider("torch_compile", lambda x, g, w, b, eps: compiled(x, g, w, b, eps))
+
+
+def _liger() -> Provider:
+    try:
+        from liger_kernel.ops.group_norm import LigerGroupNormFunction
+    except Exception as exc:  # any import failure means: not available here
+        return Provider("liger", None, f"Liger-Kernel not importable ({type(exc).__name__}: {exc})"[:160])
+
+    def liger(x, num_groups, weight, bias, eps):
+        return LigerGroupNormFunction.apply(x, weight, bias, x.shape[1], num_groups, eps)
+
+    return Provider("liger", liger)
+
+
+def _apex() -> Provider:
+    try:
+        from apex.contrib.group_norm import GroupNorm as ApexGroupNorm
+    except Exception as exc:  # any import failure means: not available here
+        return Provider("apex_nhwc", None, f"apex contrib GroupNorm not importable ({type(exc).__name__})")
+    modules: dict[tuple, torch.nn.Module] = {}
+
+    def apex(x, num_groups, weight, bias, eps):
+        # apex's GroupNorm is a module: one per (G, C, dtype, device), loaded with the caller's values.
+        key = (num_groups, x.shape[1], weight.dtype, x.device, eps)
+        if key not in modules:
+            modules[key] = ApexGroupNorm(num_groups, x.shape[1], eps, device=x.device, dtype=weight.dtype)
+        module = modules[key]
+        if getattr(module, "loaded_from", None) != (weight.data_ptr(), bias.data_ptr()):
+            with torch.no_grad():  # its own parameters (their gradients stay in the module)
+                module.weight.copy_(weight)
+                module.bias.copy_(bias)
+            module.loaded_from = (weight.data_ptr(), bias.data_ptr())
+        return module(x)
+
+    return Provider("apex_nhwc", apex)
+
+
+def providers(names: list[str], functional: bool) -> list[Provider]:
+    """Providers by name; in a functional (interpreter) run only gn_triton and torch eager run."""
+    makers = {
+        "gn_triton": _gn_triton,
+        "torch_eager": lambda: Provider("torch_eager", F.group_norm),
+        "torch_compile": _torch_compile,
+        "liger": _liger,
+        "apex_nhwc": _apex,
+    }
+    out = []
+    for name in names:
+        if functional and name not in ("gn_triton", "torch_eager"):
+            out.append(Provider(name, None, "functional CPU run: only gn_triton and torch eager"))
+        else:
+            out.append(makers[name]())
+    return out
+
+
+ALL = ["gn_triton", "torch_eager", "torch_compile", "liger", "apex_nhwc"]

@@ -1,0 +1,35 @@
+"""A small forward+backward of every path, for `compute-sanitizer --tool memcheck` on a GPU.
+
+Each plan is forced (fused, fused with several groups per program, split, split in waves) on odd
+sizes in both layouts, so that out-of-bounds loads or stores in any masked tile show up.
+"""
+
+import torch
+
+import gn_triton
+from gn_triton import _tuning
+
+PLANS = [
+    dict(split=1, block_c=4, block_s=64),
+    dict(split=1, groups_per_program=4, block_c=16, block_s=16),
+    dict(split=3, block_c=4, block_s=32),
+    dict(split=2, block_c=2, block_s=64, wave_rows=5),
+]
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    for plan in PLANS:
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            for dtype in (torch.float16, torch.float32):
+                x = torch.randn(3, 12, 9, 13, device="cuda", dtype=dtype).to(memory_format=fmt).requires_grad_()
+                w = torch.randn(12, device="cuda", requires_grad=True)
+                b = torch.randn(12, device="cuda", requires_grad=True)
+                with _tuning.override_plan(**plan):
+                    gn_triton.group_norm(x, 4, w, b).backward(torch.randn_like(x))
+    torch.cuda.synchronize()
+    print(f"sanitize case: {len(PLANS) * 4} forward+backward calls done")
+
+
+if __name__ == "__main__":
+    main()

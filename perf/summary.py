@@ -1,0 +1,105 @@
+"""Summaries of a sweep CSV: the console table and SUMMARY.md.
+
+Per (mode, dtype, layout): geometric-mean speedup of gn_triton over each other provider (over the
+shapes and batch sizes both ran), the worst-case ratio, and gn_triton's median % of the measured
+copy bandwidth at batch 1 and batch 32. Targets (forward >= 80%, backward >= 70% of copy bandwidth
+for tensors >= 16 MB) are checked and every miss is listed.
+
+    python -m perf.summary perf/results/<gpu>/sweep.csv
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+TARGET_PCT = {"fwd": 80.0, "bwd": 70.0}
+TARGET_MIN_BYTES = 16 << 20
+
+
+def _ok(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"] == "ok"]
+
+
+def speedups(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (mode, dtype, layout, peer): geomean and worst speedup of gn_triton, and gn_triton's
+    median % of copy bandwidth at N=1 and N=32."""
+    ok = _ok(df)
+    keys = ["mode", "dtype", "layout", "shape", "N"]
+    ours = ok[ok["provider"] == "gn_triton"].set_index(keys)["ms"]
+    out = []
+    for (mode, dtype, layout), group in ok.groupby(["mode", "dtype", "layout"]):
+        mine = group[group["provider"] == "gn_triton"]
+        pct = {n: mine[mine["N"] == n]["pct_copy_bw"].median() for n in (1, 32)}
+        for peer, peer_rows in group[group["provider"] != "gn_triton"].groupby("provider"):
+            ratio = (peer_rows.set_index(keys)["ms"] / ours).dropna()
+            if ratio.empty:
+                continue
+            out.append(dict(mode=mode, dtype=dtype, layout=layout, peer=peer, points=len(ratio),
+                            geomean_speedup=math.exp(ratio.map(math.log).mean()), worst_speedup=ratio.min(),
+                            pct_copy_bw_N1=pct[1], pct_copy_bw_N32=pct[32]))  # fmt: skip
+    return pd.DataFrame(out)
+
+
+def target_misses(df: pd.DataFrame) -> pd.DataFrame:
+    ok = _ok(df)
+    mine = ok[(ok["provider"] == "gn_triton") & ok["mode"].isin(list(TARGET_PCT))]
+    big = mine[mine["floor_bytes"] / mine["mode"].map({"fwd": 2, "bwd": 3}) >= TARGET_MIN_BYTES]
+    miss = big[big["pct_copy_bw"] < big["mode"].map(TARGET_PCT)]
+    return miss[["mode", "dtype", "layout", "shape", "N", "ms", "gbps", "pct_copy_bw"]]
+
+
+def console_table(df: pd.DataFrame) -> str:
+    table = speedups(df)
+    if table.empty:
+        return "no comparable measurements"
+    return table.to_string(index=False, float_format=lambda v: f"{v:.2f}")
+
+
+def write_summary(df: pd.DataFrame, meta: dict, path: Path) -> None:
+    table = speedups(df)
+    misses = target_misses(df)
+    functional = meta["run_kind"] != "gpu-performance"
+    lines = [
+        f"# gn_triton sweep on {meta['device']}",
+        "",
+        f"{meta['timestamp']} · torch {meta['torch']} · triton {meta['triton']} · gn_triton {meta['gn_triton']} "
+        f"(commit {meta['commit']}) · measured copy bandwidth {meta['copy_gbps']} GB/s · {meta['sm_count']} SMs",
+        "",
+    ]
+    if functional:
+        lines += [
+            "**Functional run in Triton's interpreter on a CPU: these timings are not a performance result.**",
+            "",
+        ]
+    lines += ["## Speedup of gn_triton (geometric mean over shapes and batch sizes)", ""]
+    lines += [table.to_markdown(index=False, floatfmt=".2f") if not table.empty else "no comparable measurements", ""]
+    if not functional:
+        lines += [f"## Bandwidth targets (tensors >= {TARGET_MIN_BYTES >> 20} MB: forward >= 80%, backward >= 70%)", ""]
+        lines += [
+            misses.to_markdown(index=False, floatfmt=".1f") if len(misses) else "All measured points meet them.",
+            "",
+        ]
+    skipped = df[df["status"] != "ok"]["status"].value_counts()
+    if len(skipped):
+        lines += ["## Not timed", ""] + [f"- {n} × {status}" for status, n in skipped.items()] + [""]
+    lines += [f"- {note}" for note in meta.get("notes", [])]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    csv = Path((argv or sys.argv[1:])[0])
+    df = pd.read_csv(csv)
+    meta = json.loads((csv.parent / "run.json").read_text())
+    print(console_table(df))
+    write_summary(df, meta, csv.parent / "SUMMARY.md")
+    print(f"wrote {csv.parent / 'SUMMARY.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

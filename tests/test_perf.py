@@ -1,0 +1,90 @@
+"""The perf harness: the functional sweep end to end, and the plot and summary steps on a synthetic
+GPU-like CSV (the numbers there are made up to test the arithmetic, never reported)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from perf import plot, summary
+from perf.sweep import custom_shape, floor_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_floor_bytes_and_custom_shape():
+    assert floor_bytes("fwd", 10, 2) == 40 and floor_bytes("bwd", 10, 2) == 60 and floor_bytes("fwd+bwd", 10, 4) == 200
+    shape = custom_shape("128x20x256x256:16")
+    assert (shape.C, shape.spatial, shape.G) == (128, (20, 256, 256), 16)
+    assert custom_shape("320x64x64").G == 32
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the functional sweep is the CPU mode")
+def test_functional_sweep_end_to_end(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "perf.sweep", "--functional", "--batch", "1", "2", "--mode", "fwd", "bwd",
+         "--dtype", "fp32", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "No GPU present" in proc.stdout and "FUNCTIONAL" in proc.stdout
+    df = pd.read_csv(tmp_path / "sweep.csv")
+    meta = json.loads((tmp_path / "run.json").read_text())
+    assert meta["run_kind"] == "cpu-functional" and meta["copy_gbps"] > 0
+    ok = df[df["status"] == "ok"]
+    assert set(ok["provider"]) == {"gn_triton", "torch_eager"}
+    assert (ok["check_error"] < 1e-4).all() and (ok["ms"] > 0).all()
+    for column in ("provider", "mode", "dtype", "layout", "suite", "N", "C", "spatial", "G", "ms", "ms_p20", "ms_p80",
+                   "gbps", "pct_copy_bw", "samples_per_s", "device", "torch", "triton", "gn_triton", "commit",
+                   "timestamp"):  # fmt: skip
+        assert column in df.columns, column
+    assert df[df["status"].str.startswith("skipped")]["status"].str.contains("4-D or 5-D").all()
+    assert "Functional run" in (tmp_path / "SUMMARY.md").read_text()
+    assert (tmp_path / "throughput_fwd_fp32_contiguous.png").stat().st_size > 10_000
+
+
+def synthetic_sweep() -> tuple[pd.DataFrame, dict]:
+    meta = dict(run_kind="gpu-performance", device="Synthetic GPU", sm_count=132, copy_gbps=3000.0, torch="t",
+                triton="t", gn_triton="0", commit="abc", timestamp="now", notes=[])  # fmt: skip
+    rows = []
+    for shape, numel in (("C320 64x64 G32", 320 * 4096), ("C128 512x512 G32", 128 * 512 * 512)):
+        for N in (1, 2, 32):
+            for provider, factor in (("gn_triton", 1.0), ("torch_eager", 4.0), ("torch_compile", 1.5)):
+                nbytes = floor_bytes("fwd", N * numel, 2)
+                ms = nbytes / (2400e6 if provider == "gn_triton" else 2400e6 / factor)  # 80% of 3000 GB/s
+                if shape.startswith("C128") and N == 1 and provider == "gn_triton":
+                    ms *= 2  # one slow point: 40% of copy bandwidth
+                gbps = nbytes / ms / 1e6
+                rows.append(dict(provider=provider, mode="fwd", dtype="bf16", layout="contiguous", suite="s",
+                                 shape=shape, N=N, floor_bytes=nbytes, status="ok", ms=ms, gbps=gbps,
+                                 pct_copy_bw=100 * gbps / 3000))  # fmt: skip
+    rows.append(dict(provider="liger", mode="fwd", dtype="bf16", layout="contiguous", suite="s", shape="x", N=1,
+                     status="skipped: Liger-Kernel not importable"))  # fmt: skip
+    return pd.DataFrame(rows), meta
+
+
+def test_summary_arithmetic(tmp_path):
+    df, meta = synthetic_sweep()
+    table = summary.speedups(df).set_index("peer")
+    # torch_eager is 4x slower everywhere except the one point where gn_triton is 2x slower (2x there).
+    assert table.loc["torch_eager", "geomean_speedup"] == pytest.approx(math.exp((5 * math.log(4) + math.log(2)) / 6))
+    assert table.loc["torch_eager", "worst_speedup"] == pytest.approx(2.0)
+    assert table.loc["torch_compile", "worst_speedup"] == pytest.approx(0.75)
+    assert table.loc["torch_eager", "pct_copy_bw_N32"] == pytest.approx(80.0)
+    misses = summary.target_misses(df)
+    assert list(misses["N"]) == [1] and list(misses["shape"]) == ["C128 512x512 G32"]  # >= 16 MB only
+    summary.write_summary(df, meta, tmp_path / "SUMMARY.md")
+    text = (tmp_path / "SUMMARY.md").read_text()
+    assert "Synthetic GPU" in text and "torch_compile" in text and "Liger-Kernel not importable" in text
+
+
+def test_plots_from_csv(tmp_path):
+    df, meta = synthetic_sweep()
+    paths = plot.plot_all(df, meta, tmp_path)
+    assert [p.name for p in paths] == ["throughput_fwd_bf16_contiguous.png", "speedup.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
