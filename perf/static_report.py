@@ -42,7 +42,7 @@ SUITE = [
     (1, 128, 256 * 256, 32),
     (64, 256, 7 * 7, 32),
 ]
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # planned for; fp64 added below
 TL_DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32", "fp64": "*fp64"}
 
 
@@ -103,6 +103,14 @@ def all_specs(quick: bool) -> list[Spec]:
                             specs.update(dict.fromkeys(_specs_for_plan(dtype, channels_last, plan, aligned)))
                 if quick and dtype != "fp16":
                     break  # one layout is enough for the other dtypes in quick mode
+        # Tensors over 2^31 elements (int64 offsets) and fp64 (fp64 statistics), on the default plans.
+        p = Problem(*SUITE[0], torch.float16, False, True, True)
+        for direction in ("fwd", "bwd"):
+            plan = _tuning.heuristic_plan(direction, p, torch.device("cuda"))
+            for spec in _specs_for_plan("fp16", False, plan, True):
+                index_64 = tuple(sorted({**dict(spec.constexprs), "INDEX_64": True}.items()))
+                specs[dataclasses.replace(spec, constexprs=index_64)] = None
+                specs[dataclasses.replace(spec, dtype="fp64")] = None
         dparams = dict(BLOCK_N=16, BLOCK_C=128, NEEDS_DW=True, NEEDS_DB=True)
         specs[Spec("_gn_bwd_dparams_kernel", "fp32", False, tuple(sorted(dparams.items())), 4, True)] = None
         return list(specs)
@@ -114,7 +122,8 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) for ASTSource: pointers and i32 sizes marked divisible by 16,
     as the runtime marks 16-byte-aligned pointers and multiple-of-16 sizes."""
     constexprs = dict(spec.constexprs)
-    constexprs["ACC"] = tl.float32
+    constexprs["ACC"] = tl.float64 if spec.dtype == "fp64" else tl.float32
+    stats = "*fp64" if spec.dtype == "fp64" else "*fp32"
     data = TL_DTYPES[spec.dtype]
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -124,7 +133,7 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
         if name in ("X", "Y", "DY", "DX", "W", "B", "DW", "DB"):
             signature[name] = data if spec.kernel != "_gn_bwd_dparams_kernel" else "*fp32"
         elif name in ("Mean", "MeanLo", "Rstd", "Partials"):
-            signature[name] = "*fp32"  # statistics and workspaces
+            signature[name] = stats  # statistics and workspaces
         elif name == "eps":
             signature[name] = "fp32"
         else:

@@ -32,6 +32,12 @@ def test_every_kernel_compiles_for_sm80_and_sm90(report):
     assert not [r for r in report if "error" in r]
 
 
+def test_int64_offsets_and_fp64_compile(report):
+    """Tensors over 2^31 elements (INDEX_64) and fp64 cannot run here; their kernels must compile."""
+    assert len({r["kernel"] for r in report if r["INDEX_64"]}) >= 4
+    assert len({r["kernel"] for r in report if r["dtype"] == "fp64"}) >= 4
+
+
 def test_no_register_spills(report):
     assert [r for r in report if r["spill_bytes"]] == []
 
@@ -40,7 +46,7 @@ def test_128_bit_loads_on_aligned_nchw(report):
     rows = [
         r for r in report
         if r["aligned"] and not r["channels_last"] and r["kernel"] != "_gn_bwd_dparams_kernel"
-        and r["BLOCK_S"] * {"fp16": 16, "bf16": 16, "fp32": 32}[r["dtype"]] >= 128
+        and r["BLOCK_S"] * {"fp16": 16, "bf16": 16, "fp32": 32, "fp64": 64}[r["dtype"]] >= 128
     ]  # fmt: skip
     assert rows
     assert [(r["kernel"], r["dtype"], r["arch"]) for r in rows if r["widest_load_bits"] != 128] == []
