@@ -34,7 +34,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(report):
 
 def test_int64_offsets_and_fp64_compile(report):
     """Tensors over 2^31 elements (INDEX_64) and fp64 cannot run here; their kernels must compile."""
-    assert len({r["kernel"] for r in report if r["INDEX_64"]}) >= 4
+    assert len({r["kernel"] for r in report if r.get("INDEX_64")}) >= 4
     assert len({r["kernel"] for r in report if r["dtype"] == "fp64"}) >= 4
 
 
