@@ -11,13 +11,17 @@ from gn_triton import _tuning
 PATHS = {"fused": dict(split=1), "split": dict(split=4, block_s=256)}
 
 
+@pytest.mark.parametrize("grad", ["random", "correlated"])
 @pytest.mark.parametrize("path", PATHS)
-def test_large_mean_offset_fp32(path, device):
+def test_large_mean_offset_fp32(path, grad, device):
     """fp32 input 1e4 + N(0, 1): forward error <= 2e-5 against float64 (torch's CPU kernel is ~1e-4
-    there, since an fp32 mean near 1e4 is itself quantised to ~1e-3)."""
+    there, since an fp32 mean near 1e4 is itself quantised to ~1e-3). A gradient correlated with
+    the normalised input makes every term of dx matter, the mean's residual included."""
     x = make_input((1, 4, 64, 64), torch.float32, device, offset=1e4)
     w, b = make_params(4, torch.float32, device)
     dy = torch.randn_like(x)
+    if grad == "correlated":
+        dy = (x.double() - 1e4).float() + 0.1 * dy
     with _tuning.override_plan(**PATHS[path]):
         y, dx, dw, db = forward_backward(gn_triton.group_norm, x, 2, w, b, dy)
     y_ref, dx_ref, dw_ref, db_ref = reference(x, 2, w, b, dy)
