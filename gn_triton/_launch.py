@@ -27,6 +27,8 @@ from .kernels import (
 )
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Fused activations by name, as the kernels' ACTIVATION constexpr.
+ACTIVATIONS = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
 _INT32_MAX = 2**31 - 1
 
 
@@ -89,7 +91,14 @@ def stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _problem(x: torch.Tensor, num_groups: int, has_weight: bool, has_bias: bool) -> Problem:
+def check_activation(activation: str | None) -> int:
+    if activation not in ACTIVATIONS:
+        names = ", ".join(repr(a) for a in ACTIVATIONS)
+        raise ValueError(f"group_norm(): unknown activation={activation!r}; expected one of {names}")
+    return ACTIVATIONS[activation]
+
+
+def _problem(x: torch.Tensor, num_groups: int, has_weight: bool, has_bias: bool, activation: int) -> Problem:
     return Problem(
         N=x.shape[0],
         C=x.shape[1],
@@ -99,6 +108,7 @@ def _problem(x: torch.Tensor, num_groups: int, has_weight: bool, has_bias: bool)
         channels_last=memory_format(x) != torch.contiguous_format,
         has_weight=has_weight,
         has_bias=has_bias,
+        activation=activation,
     )
 
 
@@ -108,11 +118,20 @@ def _dense(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
 
 
 def _kernel_flags(x: torch.Tensor, problem: Problem) -> dict:
+    """The constexpr flags every normalising kernel takes."""
     return dict(
+        HAS_WEIGHT=problem.has_weight,
+        HAS_BIAS=problem.has_bias,
+        ACTIVATION=problem.activation,
         CHANNELS_LAST=problem.channels_last,
         INDEX_64=x.numel() > _INT32_MAX,
         ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
     )
+
+
+def _base_flags(flags: dict) -> dict:
+    """The flags of the kernels that only read x (partial statistics): layout, indexing, accumulator."""
+    return {k: flags[k] for k in ("CHANNELS_LAST", "INDEX_64", "ACC")}
 
 
 def gn_fwd(
@@ -121,14 +140,16 @@ def gn_fwd(
     bias: torch.Tensor | None,
     num_groups: int,
     eps: float,
+    activation: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GroupNorm forward. Returns (y, mean, mean_lo, rstd); the stats are (N, G) in fp32 (fp64 for
-    fp64 input), mean is the group mean rounded to that dtype and mean_lo the rounding residual."""
+    """GroupNorm forward, optionally followed by a fused activation. Returns (y, mean, mean_lo, rstd);
+    the stats are (N, G) in fp32 (fp64 for fp64 input), mean is the group mean rounded to that dtype
+    and mean_lo the rounding residual."""
     fmt = memory_format(x)
     y = torch.empty_like(x, memory_format=fmt)
     N, C = x.shape[:2]
     mean, mean_lo, rstd = (torch.empty((N, num_groups), dtype=stats_dtype(x), device=x.device) for _ in range(3))
-    problem = _problem(x, num_groups, weight is not None, bias is not None)
+    problem = _problem(x, num_groups, weight is not None, bias is not None, check_activation(activation))
     if y.numel() == 0:
         # Like torch: an empty group has NaN statistics.
         for t in (mean, mean_lo, rstd):
@@ -152,20 +173,18 @@ def _launch_fwd(x, y, weight, bias, mean, mean_lo, rstd, eps, p: Problem, plan: 
         grid = (p.N * triton.cdiv(p.G, plan.groups_per_program),)
         _gn_fwd_fused_kernel[grid](
             x, y, w, b, mean, mean_lo, rstd, p.C, p.S, p.G, p.Cg, eps,
-            R=plan.groups_per_program, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            **blocks, **flags,
+            R=plan.groups_per_program, **blocks, **flags,
         )  # fmt: skip
         return
     span, split = plan.span(p.S)
     partials = torch.empty((p.rows, split, 3), dtype=mean.dtype, device=x.device)
     for row_offset, rows in plan.waves(p.rows):
         _gn_fwd_partial_stats_kernel[(rows, split)](
-            x, partials, row_offset, p.C, p.S, p.G, p.Cg, span, split, **blocks, **flags
+            x, partials, row_offset, p.C, p.S, p.G, p.Cg, span, split, **blocks, **_base_flags(flags)
         )
         _gn_fwd_split_apply_kernel[(rows, split)](
             x, y, w, b, partials, mean, mean_lo, rstd, row_offset, p.C, p.S, p.G, p.Cg, span, split, eps,
-            BLOCK_SPLIT=triton.next_power_of_2(split), HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None, **blocks, **flags,
+            BLOCK_SPLIT=triton.next_power_of_2(split), **blocks, **flags,
         )  # fmt: skip
 
 
@@ -179,9 +198,10 @@ def gn_bwd(
     rstd: torch.Tensor,
     num_groups: int,
     output_mask: Sequence[bool],
+    activation: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GroupNorm backward: (dx, dweight, dbias). A gradient not asked for in `output_mask`, or of a
-    parameter that is None, comes back as an empty tensor and costs nothing."""
+    """GroupNorm (+ fused activation) backward: (dx, dweight, dbias). A gradient not asked for in
+    `output_mask`, or of a parameter that is None, comes back as an empty tensor and costs nothing."""
     needs_dx, needs_dw, needs_db = output_mask
     needs_dw = needs_dw and weight is not None
     needs_db = needs_db and bias is not None
@@ -197,18 +217,19 @@ def gn_bwd(
         return dx, dw, db
     x = _dense(x, fmt)
     grad_out = _dense(grad_out, fmt)
-    problem = _problem(x, num_groups, weight is not None, False)
+    problem = _problem(x, num_groups, weight is not None, bias is not None, check_activation(activation))
 
     def launch(plan: Plan) -> None:
-        _launch_bwd(grad_out, x, weight, mean, mean_lo, rstd, dx, dw, db, needs_dx, problem, plan)
+        _launch_bwd(grad_out, x, weight, bias, mean, mean_lo, rstd, dx, dw, db, needs_dx, problem, plan)
 
     launch(_tuning.choose_plan("bwd", problem, x.device, launch, needs=(needs_dx, needs_dw, needs_db)))
     return dx, dw, db
 
 
-def _launch_bwd(dy, x, weight, mean, mean_lo, rstd, dx, dw, db, needs_dx, p: Problem, plan: Plan) -> None:
+def _launch_bwd(dy, x, weight, bias, mean, mean_lo, rstd, dx, dw, db, needs_dx, p: Problem, plan: Plan) -> None:
     flags = _kernel_flags(x, p)
-    w = weight if weight is not None else x
+    w = weight if weight is not None else x  # placeholder pointers, never read
+    b = bias if bias is not None else x
     blocks = dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
     needs_params = dw.numel() > 0 or db.numel() > 0
     if plan.split == 1:
@@ -216,22 +237,21 @@ def _launch_bwd(dy, x, weight, mean, mean_lo, rstd, dx, dw, db, needs_dx, p: Pro
         partials = torch.empty((p.N, p.C, 1, 2), dtype=mean.dtype, device=x.device) if needs_params else x
         grid = (p.N * triton.cdiv(p.G, plan.groups_per_program),)
         _gn_bwd_fused_kernel[grid](
-            x, dy, dx, w, mean, mean_lo, rstd, partials, p.C, p.S, p.G, p.Cg,
-            R=plan.groups_per_program, HAS_WEIGHT=weight is not None, NEEDS_DX=needs_dx,
-            NEEDS_PARTIALS=needs_params, **blocks, **flags,
+            x, dy, dx, w, b, mean, mean_lo, rstd, partials, p.C, p.S, p.G, p.Cg,
+            R=plan.groups_per_program, NEEDS_DX=needs_dx, NEEDS_PARTIALS=needs_params, **blocks, **flags,
         )  # fmt: skip
     else:
         span, split = plan.span(p.S)
         partials = torch.empty((p.N, p.C, split, 2), dtype=mean.dtype, device=x.device)
         for row_offset, rows in plan.waves(p.rows):
             _gn_bwd_partial_sums_kernel[(rows, split)](
-                x, dy, mean, partials, row_offset, p.C, p.S, p.G, p.Cg, span, split, **blocks, **flags
-            )
+                x, dy, w, b, mean, mean_lo, rstd, partials, row_offset, p.C, p.S, p.G, p.Cg, span, split,
+                **blocks, **flags,
+            )  # fmt: skip
             if needs_dx:
                 _gn_bwd_split_dx_kernel[(rows, split)](
-                    x, dy, dx, w, mean, mean_lo, rstd, partials, row_offset, p.C, p.S, p.G, p.Cg, span,
-                    split, BLOCK_SPLIT=triton.next_power_of_2(split), HAS_WEIGHT=weight is not None,
-                    **blocks, **flags,
+                    x, dy, dx, w, b, mean, mean_lo, rstd, partials, row_offset, p.C, p.S, p.G, p.Cg, span,
+                    split, BLOCK_SPLIT=triton.next_power_of_2(split), **blocks, **flags,
                 )  # fmt: skip
     if needs_params:
         block_c = min(triton.next_power_of_2(p.C), 128)

@@ -18,14 +18,15 @@ def group_norm_fwd(
     bias: torch.Tensor | None,
     num_groups: int,
     eps: float,
+    activation: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, mean_lo, rstd): y in input's dtype and memory format; (N, G) statistics in fp32
-    (fp64 for fp64 input), the mean as the pair mean + mean_lo (see kernels/_tile.py)."""
-    return _launch.gn_fwd(input, weight, bias, num_groups, eps)
+    """(y, mean, mean_lo, rstd): y = activation(GroupNorm(input)) in input's dtype and memory format;
+    (N, G) statistics in fp32 (fp64 for fp64 input), the mean as the pair mean + mean_lo."""
+    return _launch.gn_fwd(input, weight, bias, num_groups, eps, activation)
 
 
 @group_norm_fwd.register_fake
-def _(input, weight, bias, num_groups, eps):
+def _(input, weight, bias, num_groups, eps, activation=None):
     y = torch.empty_like(input, memory_format=_launch.memory_format(input))
     stats = [input.new_empty((input.shape[0], num_groups), dtype=_launch.stats_dtype(input)) for _ in range(3)]
     return (y, *stats)
@@ -42,14 +43,15 @@ def group_norm_bwd(
     rstd: torch.Tensor,
     num_groups: int,
     output_mask: list[bool],
+    activation: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias); a gradient not in `output_mask` (or of a None parameter) is empty.
-    `bias` is read only for the dtype of dbias."""
-    return _launch.gn_bwd(grad_out, input, weight, bias, mean, mean_lo, rstd, num_groups, output_mask)
+    With a fused activation its pre-activation is recomputed from input and the statistics."""
+    return _launch.gn_bwd(grad_out, input, weight, bias, mean, mean_lo, rstd, num_groups, output_mask, activation)
 
 
 @group_norm_bwd.register_fake
-def _(grad_out, input, weight, bias, mean, mean_lo, rstd, num_groups, output_mask):
+def _(grad_out, input, weight, bias, mean, mean_lo, rstd, num_groups, output_mask, activation=None):
     needs_dx, needs_dw, needs_db = output_mask
     dx = torch.empty_like(input, memory_format=_launch.memory_format(input)) if needs_dx else input.new_empty(0)
     dw = torch.empty_like(weight) if needs_dw and weight is not None else input.new_empty(0)

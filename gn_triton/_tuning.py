@@ -40,6 +40,7 @@ class Problem:
     channels_last: bool
     has_weight: bool
     has_bias: bool
+    activation: int = 0  # fused activation (kernels' ACTIVATION constexpr)
 
     @property
     def Cg(self) -> int:  # noqa: N802 - the paper's name
@@ -185,6 +186,7 @@ def _bucket_key(direction: str, p: Problem, device: torch.device, needs: tuple) 
         p.channels_last,
         p.has_weight,
         p.has_bias,
+        p.activation,
         needs,
     )
 

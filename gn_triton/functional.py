@@ -15,6 +15,8 @@ def group_norm(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    activation: str | None = None,
 ) -> torch.Tensor:
     """Group Normalization over (N, C, *) input, with torch.nn.functional.group_norm's signature
     and semantics: each of the num_groups groups of C/num_groups channels of a sample is normalised
@@ -24,11 +26,25 @@ def group_norm(
     interpreter when TRITON_INTERPRET=1 was set before import; otherwise they fall back to torch's
     own group_norm, so a model using gn_triton still runs on a CPU.
 
+    activation (keyword only, not in torch's signature): None, "silu", "gelu" or "gelu_tanh" applies
+    that activation to the output in the same pass (GN+SiLU costs what GN costs); its backward
+    recomputes the pre-activation instead of storing it.
+
     The output has input's dtype and memory format (contiguous or channels_last). weight and bias
     may be of another floating dtype than input (e.g. fp32 parameters with bf16 input); statistics
     are fp32 (fp64 for fp64 input). Bad arguments raise like torch, naming the argument.
     """
     _launch.check_group_norm_args(input, num_groups, weight, bias)
+    _launch.check_activation(activation)
     if input.dtype not in _launch.SUPPORTED_DTYPES or not _launch.runs_on_kernels(input):
-        return F.group_norm(input, num_groups, weight, bias, eps)
-    return GroupNormFunction.apply(input, weight, bias, num_groups, float(eps))
+        return _torch_activation(F.group_norm(input, num_groups, weight, bias, eps), activation)
+    return GroupNormFunction.apply(input, weight, bias, num_groups, float(eps), activation)
+
+
+def _torch_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """torch's own activation: the fallback path's epilogue."""
+    if activation is None:
+        return y
+    if activation == "silu":
+        return F.silu(y)
+    return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")

@@ -15,8 +15,10 @@ def group_norm_reference(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
+    activation: str | None = None,
 ) -> torch.Tensor:
-    """GroupNorm of `input` computed in float64; returns float64 (differentiable)."""
+    """GroupNorm of `input` (then `activation`: None, "silu", "gelu", "gelu_tanh") computed in float64;
+    returns float64 (differentiable)."""
     x = input.double()
     N, C = x.shape[:2]
     rows = x.reshape(N, num_groups, -1)
@@ -30,4 +32,12 @@ def group_norm_reference(
         y = y * weight.double().reshape(channel_shape)
     if bias is not None:
         y = y + bias.double().reshape(channel_shape)
+    if activation == "silu":
+        y = y / (1 + torch.exp(-y))
+    elif activation == "gelu":
+        y = 0.5 * y * (1 + torch.erf(y / 2**0.5))
+    elif activation == "gelu_tanh":
+        y = 0.5 * y * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (y + 0.044715 * y**3)))
+    else:
+        assert activation is None, activation
     return y

@@ -121,63 +121,110 @@ def finalize_stats(count, mean_shifted, m2, shift, eps, ACC: tl.constexpr):
     return mean_hi, mean_lo, rstd
 
 
+# Fused activations after the affine (ACTIVATION constexpr): 0 none, 1 SiLU, 2 GELU (erf), 3 GELU
+# (tanh approximation). The backward recomputes the pre-activation z from x and the statistics.
+@triton.jit
+def activation(z, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:
+        return z / (1.0 + tl.exp(-z))
+    elif ACTIVATION == 2:
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACTIVATION == 3:
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        return 0.5 * z * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))  # 0.5 z (1 + tanh u)
+    else:
+        return z
+
+
+@triton.jit
+def activation_grad(z, ACTIVATION: tl.constexpr):
+    """d activation(z) / dz."""
+    if ACTIVATION == 1:
+        sig = 1.0 / (1.0 + tl.exp(-z))
+        return sig * (1.0 + z * (1.0 - sig))
+    elif ACTIVATION == 2:
+        return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACTIVATION == 3:
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        t = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * u))  # tanh u
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    else:
+        return z * 0.0 + 1.0
+
+
+@triton.jit
+def channel_affine(
+    member, c, c_mask, W, B, mean_lo, rstd,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Per-channel (a, b) of the folded affine z = (x - mean_hi)*a + b: a = rstd*w, b = bias - mean_lo*a."""
+    a = to_channels(member, rstd)
+    if HAS_WEIGHT:
+        a *= tl.load(W + c, mask=c_mask, other=0.0).to(ACC)
+    b = -to_channels(member, mean_lo) * a
+    if HAS_BIAS:
+        b += tl.load(B + c, mask=c_mask, other=0.0).to(ACC)
+    return a, b
+
+
 @triton.jit
 def normalize_span(
     x_sample, y_sample, W, B, mean_hi, mean_lo, rstd, c_begin, c_end, s_begin, s_end, C, S, Cg,
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC: tl.constexpr,
 ):  # fmt: skip
-    """y = (x - mean_hi)*a + b with per-channel a = rstd*w, b = bias - mean_lo*a (one FMA per element)."""
+    """y = act((x - mean_hi)*a + b), per-channel a, b (one subtract and one FMA per element)."""
     for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         member = group_membership(c, c_begin, c_end, Cg, R)
         c_mask = c < c_end
-        a = to_channels(member, rstd)
-        if HAS_WEIGHT:
-            a *= tl.load(W + c, mask=c_mask, other=0.0).to(ACC)
-        b = -to_channels(member, mean_lo) * a
-        if HAS_BIAS:
-            b += tl.load(B + c, mask=c_mask, other=0.0).to(ACC)
+        a, b = channel_affine(member, c, c_mask, W, B, mean_lo, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
         hi = to_channels(member, mean_hi)
         for s0 in range(s_begin, s_end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             mask = c_mask[:, None] & (s < s_end)[None, :]
             offs = tile_offsets(c, s, C, S, CHANNELS_LAST, INDEX_64)
             x = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC)
-            y = (x - hi[:, None]) * a[:, None] + b[:, None]
+            y = activation((x - hi[:, None]) * a[:, None] + b[:, None], ACTIVATION)
             tl.store(y_sample + offs, y.to(y_sample.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def channel_grad_sums(
-    x_sample, dy_sample, mean_hi_c, c, c_end, s_begin, s_end, C, S, BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    x_sample, dy_sample, mean_hi_c, a_c, b_c, c, c_end, s_begin, s_end, C, S, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr, ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC: tl.constexpr,
 ):  # fmt: skip
-    """Per-channel sums over positions [s_begin, s_end) of dy and of dy*(x - mean_hi), [BLOCK_C] each."""
+    """Per-channel sums over positions [s_begin, s_end) of g and of g*(x - mean_hi), [BLOCK_C] each,
+    where g is the gradient at the normalisation's output: dy, or dy*act'(z) with a fused activation
+    (z = (x - mean_hi)*a_c + b_c recomputed, never stored)."""
     c_mask = c < c_end
-    sum_dy = tl.zeros([BLOCK_C], ACC)
-    sum_dy_xc = tl.zeros([BLOCK_C], ACC)
+    sum_g = tl.zeros([BLOCK_C], ACC)
+    sum_g_xc = tl.zeros([BLOCK_C], ACC)
     for s0 in range(s_begin, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = c_mask[:, None] & (s < s_end)[None, :]
         offs = tile_offsets(c, s, C, S, CHANNELS_LAST, INDEX_64)
         x = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dy_sample + offs, mask=mask, other=0.0).to(ACC)
+        g = tl.load(dy_sample + offs, mask=mask, other=0.0).to(ACC)
         xc = tl.where(mask, x - mean_hi_c[:, None], 0.0)
-        sum_dy += tl.sum(dy, axis=1)
-        sum_dy_xc += tl.sum(dy * xc, axis=1)
-    return sum_dy, sum_dy_xc
+        if ACTIVATION != 0:
+            g *= activation_grad(xc * a_c[:, None] + b_c[:, None], ACTIVATION)
+        sum_g += tl.sum(g, axis=1)
+        sum_g_xc += tl.sum(g * xc, axis=1)
+    return sum_g, sum_g_xc
 
 
 @triton.jit
 def dx_coefficients(sum_g_dy, sum_g_dy_xc, mean_lo, rstd, group_size):
-    """Per-group coefficients of dx = rstd*w[c]*dy + coef_x*(x - mean_hi) + coef_1.
+    """Per-group coefficients of dx = rstd*w[c]*g + coef_x*(x - mean_hi) + coef_1.
 
-    With x_hat = rstd*(x - mean_hi - mean_lo), g = dy*w and <.> the mean over the group's
-    group_size elements, the GroupNorm input gradient is
-        dx = rstd*(g - <g> - x_hat*<g*x_hat>).
-    sum_g_dy = sum(w*dy) and sum_g_dy_xc = sum(w*dy*(x - mean_hi)) over the group, so
-    <g> = sum_g_dy/M and <g*x_hat> = rstd*(sum_g_dy_xc - mean_lo*sum_g_dy)/M.
+    With x_hat = rstd*(x - mean_hi - mean_lo), g the gradient at the normalisation's output, gw = g*w
+    and <.> the mean over the group's group_size elements, the GroupNorm input gradient is
+        dx = rstd*(gw - <gw> - x_hat*<gw*x_hat>).
+    sum_g_dy = sum(w*g) and sum_g_dy_xc = sum(w*g*(x - mean_hi)) over the group, so
+    <gw> = sum_g_dy/M and <gw*x_hat> = rstd*(sum_g_dy_xc - mean_lo*sum_g_dy)/M.
     """
     mean_g = sum_g_dy / group_size
     mean_g_xhat = rstd * (sum_g_dy_xc - mean_lo * sum_g_dy) / group_size
@@ -188,18 +235,17 @@ def dx_coefficients(sum_g_dy, sum_g_dy_xc, mean_lo, rstd, group_size):
 
 @triton.jit
 def dx_span(
-    x_sample, dy_sample, dx_sample, W, mean_hi, rstd, coef_x, coef_1, c_begin, c_end, s_begin, s_end,
-    C, S, Cg, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    x_sample, dy_sample, dx_sample, W, B, mean_hi, mean_lo, rstd, coef_x, coef_1, c_begin, c_end,
+    s_begin, s_end, C, S, Cg, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """Write dx = a*dy + coef_x*(x - mean_hi) + coef_1 (a = rstd*w per channel) over a span."""
+    """Write dx = rstd*w*g + coef_x*(x - mean_hi) + coef_1 over a span (g: dy, or dy*act'(z))."""
     for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         member = group_membership(c, c_begin, c_end, Cg, R)
         c_mask = c < c_end
-        a = to_channels(member, rstd)
-        if HAS_WEIGHT:
-            a *= tl.load(W + c, mask=c_mask, other=0.0).to(ACC)
+        a, b = channel_affine(member, c, c_mask, W, B, mean_lo, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
         hi = to_channels(member, mean_hi)
         kx = to_channels(member, coef_x)
         k1 = to_channels(member, coef_1)
@@ -207,7 +253,9 @@ def dx_span(
             s = s0 + tl.arange(0, BLOCK_S)
             mask = c_mask[:, None] & (s < s_end)[None, :]
             offs = tile_offsets(c, s, C, S, CHANNELS_LAST, INDEX_64)
-            x = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(dy_sample + offs, mask=mask, other=0.0).to(ACC)
-            dx = a[:, None] * dy + kx[:, None] * (x - hi[:, None]) + k1[:, None]
+            xc = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC) - hi[:, None]
+            g = tl.load(dy_sample + offs, mask=mask, other=0.0).to(ACC)
+            if ACTIVATION != 0:
+                g *= activation_grad(xc * a[:, None] + b[:, None], ACTIVATION)
+            dx = a[:, None] * g + kx[:, None] * xc + k1[:, None]
             tl.store(dx_sample + offs, dx.to(dx_sample.dtype.element_ty), mask=mask)

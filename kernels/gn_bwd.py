@@ -1,10 +1,11 @@
 """GroupNorm backward kernels (deterministic: no atomics anywhere).
 
-With x_hat = rstd*(x - mean) and g = dy*w[c], the gradients are
-    dx      = rstd*(g - <g> - x_hat*<g*x_hat>)       (<.>: mean over the group)
-    dweight = sum over n, positions of dy*x_hat
-    dbias   = sum over n, positions of dy
-Every path first forms per-(n, c) sums of dy and of dy*(x - mean_hi) in a small ACC workspace
+With x_hat = rstd*(x - mean), g the gradient at the affine's output (dy, or dy*act'(z) with a fused
+activation, z recomputed from x) and gw = g*w[c], the gradients are
+    dx      = rstd*(gw - <gw> - x_hat*<gw*x_hat>)    (<.>: mean over the group)
+    dweight = sum over n, positions of g*x_hat
+    dbias   = sum over n, positions of g
+Every path first forms per-(n, c) sums of g and of g*(x - mean_hi) in a small ACC workspace
 Partials (N, C, SPLIT, 2); dx needs only their per-group weighted totals, and dweight/dbias are a
 fixed-order reduction of the workspace over n and spans (`_gn_bwd_dparams_kernel`).
   fused: one program owns R whole groups: sums, then dx (the second read of x, dy hits L1/L2).
@@ -15,7 +16,15 @@ fixed-order reduction of the workspace over n and spans (`_gn_bwd_dparams_kernel
 import triton
 import triton.language as tl
 
-from ._tile import channel_grad_sums, dx_coefficients, dx_span, group_membership, to_channels, to_groups
+from ._tile import (
+    channel_affine,
+    channel_grad_sums,
+    dx_coefficients,
+    dx_span,
+    group_membership,
+    to_channels,
+    to_groups,
+)
 
 
 @triton.jit
@@ -24,13 +33,15 @@ def _gn_bwd_fused_kernel(
     DY,  # (N, C, S) output gradient, X's layout
     DX,  # (N, C, S) input gradient, X's dtype and layout; unused unless NEEDS_DX
     W,  # (C,) weight; unused unless HAS_WEIGHT
+    B,  # (C,) bias; read only with a fused activation and HAS_BIAS
     Mean,  # (N, G) ACC
     MeanLo,  # (N, G) ACC
     Rstd,  # (N, G) ACC
-    Partials,  # (N, C, 1, 2) ACC: per-(n, c) sum(dy), sum(dy*(x - mean_hi)); unused unless NEEDS_PARTIALS
+    Partials,  # (N, C, 1, 2) ACC: per-(n, c) sum(g), sum(g*(x - mean_hi)); unused unless NEEDS_PARTIALS
     C, S, G, Cg,
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, NEEDS_DX: tl.constexpr, NEEDS_PARTIALS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    NEEDS_DX: tl.constexpr, NEEDS_PARTIALS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     blocks_per_sample = tl.cdiv(G, R)
@@ -52,9 +63,10 @@ def _gn_bwd_fused_kernel(
     for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         member = group_membership(c, c_begin, c_end, Cg, R)
+        a, b = channel_affine(member, c, c < c_end, W, B, mean_lo, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
         sum_dy, sum_dy_xc = channel_grad_sums(
-            x_sample, dy_sample, to_channels(member, mean_hi), c, c_end, 0, S, C, S,
-            BLOCK_C, BLOCK_S, CHANNELS_LAST, INDEX_64, ACC,
+            x_sample, dy_sample, to_channels(member, mean_hi), a, b, c, c_end, 0, S, C, S,
+            BLOCK_C, BLOCK_S, ACTIVATION, CHANNELS_LAST, INDEX_64, ACC,
         )  # fmt: skip
         if NEEDS_PARTIALS:
             part = Partials + (n.to(tl.int64) * C + c) * 2
@@ -70,8 +82,9 @@ def _gn_bwd_fused_kernel(
     if NEEDS_DX:
         coef_x, coef_1 = dx_coefficients(sum_g_dy, sum_g_dy_xc, mean_lo, rstd, Cg * S)
         dx_span(
-            x_sample, dy_sample, DX + n.to(tl.int64) * C * S, W, mean_hi, rstd, coef_x, coef_1,
-            c_begin, c_end, 0, S, C, S, Cg, R, BLOCK_C, BLOCK_S, HAS_WEIGHT, CHANNELS_LAST, INDEX_64, ACC,
+            x_sample, dy_sample, DX + n.to(tl.int64) * C * S, W, B, mean_hi, mean_lo, rstd, coef_x, coef_1,
+            c_begin, c_end, 0, S, C, S, Cg, R, BLOCK_C, BLOCK_S, HAS_WEIGHT, HAS_BIAS, ACTIVATION,
+            CHANNELS_LAST, INDEX_64, ACC,
         )  # fmt: skip
 
 
@@ -79,10 +92,15 @@ def _gn_bwd_fused_kernel(
 def _gn_bwd_partial_sums_kernel(
     X,  # (N, C, S) input of the forward
     DY,  # (N, C, S) output gradient, X's layout
+    W,  # (C,) weight; read only with a fused activation and HAS_WEIGHT
+    B,  # (C,) bias; read only with a fused activation and HAS_BIAS
     Mean,  # (N, G) ACC
-    Partials,  # (N, C, SPLIT, 2) ACC: per-(n, c, span) sum(dy), sum(dy*(x - mean_hi))
+    MeanLo,  # (N, G) ACC
+    Rstd,  # (N, G) ACC
+    Partials,  # (N, C, SPLIT, 2) ACC: per-(n, c, span) sum(g), sum(g*(x - mean_hi))
     row_offset, C, S, G, Cg, span, SPLIT,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     row = row_offset + tl.program_id(0)
@@ -94,12 +112,17 @@ def _gn_bwd_partial_sums_kernel(
     s_end = tl.minimum(s_begin + span, S)
     x_sample = X + n.to(tl.int64) * C * S
     dy_sample = DY + n.to(tl.int64) * C * S
-    mean_hi = tl.load(Mean + row)
+    stat = row + tl.arange(0, 1)
+    mean_hi = tl.load(Mean + stat)
+    mean_lo = tl.load(MeanLo + stat)
+    rstd = tl.load(Rstd + stat)
     for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
+        member = group_membership(c, c_begin, c_end, Cg, 1)
+        a, b = channel_affine(member, c, c < c_end, W, B, mean_lo, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
         sum_dy, sum_dy_xc = channel_grad_sums(
-            x_sample, dy_sample, tl.zeros([BLOCK_C], ACC) + mean_hi, c, c_end, s_begin, s_end, C, S,
-            BLOCK_C, BLOCK_S, CHANNELS_LAST, INDEX_64, ACC,
+            x_sample, dy_sample, to_channels(member, mean_hi), a, b, c, c_end, s_begin, s_end, C, S,
+            BLOCK_C, BLOCK_S, ACTIVATION, CHANNELS_LAST, INDEX_64, ACC,
         )  # fmt: skip
         part = Partials + ((n.to(tl.int64) * C + c) * SPLIT + j) * 2
         tl.store(part, sum_dy, mask=c < c_end)
@@ -112,13 +135,15 @@ def _gn_bwd_split_dx_kernel(
     DY,  # (N, C, S) output gradient, X's layout
     DX,  # (N, C, S) input gradient, X's dtype and layout
     W,  # (C,) weight; unused unless HAS_WEIGHT
+    B,  # (C,) bias; read only with a fused activation and HAS_BIAS
     Mean,  # (N, G) ACC
     MeanLo,  # (N, G) ACC
     Rstd,  # (N, G) ACC
     Partials,  # (N, C, SPLIT, 2) ACC, from _gn_bwd_partial_sums_kernel
     row_offset, C, S, G, Cg, span, SPLIT,
     BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     row = row_offset + tl.program_id(0)
     j = tl.program_id(1)
@@ -152,15 +177,15 @@ def _gn_bwd_split_dx_kernel(
     s_begin = j * span
     s_end = tl.minimum(s_begin + span, S)
     dx_span(
-        X + n.to(tl.int64) * C * S, DY + n.to(tl.int64) * C * S, DX + n.to(tl.int64) * C * S, W,
-        mean_hi, rstd, coef_x, coef_1, c_begin, c_end, s_begin, s_end, C, S, Cg,
-        1, BLOCK_C, BLOCK_S, HAS_WEIGHT, CHANNELS_LAST, INDEX_64, ACC,
+        X + n.to(tl.int64) * C * S, DY + n.to(tl.int64) * C * S, DX + n.to(tl.int64) * C * S, W, B,
+        mean_hi, mean_lo, rstd, coef_x, coef_1, c_begin, c_end, s_begin, s_end, C, S, Cg,
+        1, BLOCK_C, BLOCK_S, HAS_WEIGHT, HAS_BIAS, ACTIVATION, CHANNELS_LAST, INDEX_64, ACC,
     )  # fmt: skip
 
 
 @triton.jit
 def _gn_bwd_dparams_kernel(
-    Partials,  # (N, C, SPLIT, 2) ACC: per-(n, c, span) sum(dy), sum(dy*(x - mean_hi))
+    Partials,  # (N, C, SPLIT, 2) ACC: per-(n, c, span) sum(g), sum(g*(x - mean_hi))
     MeanLo,  # (N, G) ACC
     Rstd,  # (N, G) ACC
     DW,  # (C,) weight gradient, weight's dtype; unused unless NEEDS_DW
@@ -169,7 +194,7 @@ def _gn_bwd_dparams_kernel(
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     NEEDS_DW: tl.constexpr, NEEDS_DB: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """dweight[c] = sum_n rstd*(sum(dy*(x - mean_hi)) - mean_lo*sum(dy)), dbias[c] = sum_n sum(dy),
+    """dweight[c] = sum_n rstd*(sum(g*(x - mean_hi)) - mean_lo*sum(g)), dbias[c] = sum_n sum(g),
     in a fixed order (n blocks, then spans): bitwise repeatable."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C

@@ -7,6 +7,7 @@ Two paths, chosen on the host (gn_triton/_launch.py):
          (count, mean, M2) per span to a small fp32 workspace, `_gn_fwd_split_apply_kernel` merges a
          row's partials (every program of the row merges them in the same order: deterministic, no
          atomics) and normalises its own span. For few rows (batch 1) or rows too large to hold.
+The forward may end in a fused activation (ACTIVATION), applied to the affine output in registers.
 Both take rows in waves ([row_offset, row_offset + grid rows)) so that the host can keep a wave's
 bytes inside L2 between the two split launches.
 """
@@ -30,6 +31,7 @@ def _gn_fwd_fused_kernel(
     R: tl.constexpr,  # groups per program
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # 0 none, 1 SiLU, 2 GELU, 3 GELU (tanh), applied after the affine
     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     blocks_per_sample = tl.cdiv(G, R)
@@ -53,7 +55,7 @@ def _gn_fwd_fused_kernel(
     tl.store(Rstd + stat, rstd, mask=g < G)
     normalize_span(
         x_sample, y_sample, W, B, mean_hi, mean_lo, rstd, c_begin, c_end, 0, S, C, S, Cg,
-        R, BLOCK_C, BLOCK_S, HAS_WEIGHT, HAS_BIAS, CHANNELS_LAST, INDEX_64, ACC,
+        R, BLOCK_C, BLOCK_S, HAS_WEIGHT, HAS_BIAS, ACTIVATION, CHANNELS_LAST, INDEX_64, ACC,
     )  # fmt: skip
 
 
@@ -99,7 +101,7 @@ def _gn_fwd_split_apply_kernel(
     row_offset, C, S, G, Cg, span, SPLIT, eps,
     BLOCK_SPLIT: tl.constexpr,  # next power of two >= SPLIT
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     row = row_offset + tl.program_id(0)
@@ -133,5 +135,5 @@ def _gn_fwd_split_apply_kernel(
     s_end = tl.minimum(s_begin + span, S)
     normalize_span(
         x_sample, y_sample, W, B, mean_hi, mean_lo, rstd, c_begin, c_end, s_begin, s_end, C, S, Cg,
-        1, BLOCK_C, BLOCK_S, HAS_WEIGHT, HAS_BIAS, CHANNELS_LAST, INDEX_64, ACC,
+        1, BLOCK_C, BLOCK_S, HAS_WEIGHT, HAS_BIAS, ACTIVATION, CHANNELS_LAST, INDEX_64, ACC,
     )  # fmt: skip

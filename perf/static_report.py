@@ -58,25 +58,25 @@ class Spec:
     aligned: bool  # C and S multiples of 16: the runtime then specialises them as divisible by 16
 
 
-def _specs_for_plan(dtype: str, channels_last: bool, plan: Plan, aligned: bool) -> list[Spec]:
-    flags = dict(CHANNELS_LAST=channels_last, INDEX_64=False)
-    tile = dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s)
+def _specs_for_plan(dtype: str, channels_last: bool, plan: Plan, aligned: bool, activation: int = 0) -> list[Spec]:
+    base = dict(CHANNELS_LAST=channels_last, INDEX_64=False, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s)
+    affine = dict(HAS_WEIGHT=True, HAS_BIAS=True, ACTIVATION=activation)
     specs = []
 
     def add(name: str, **constexprs):
-        items = tuple(sorted({**constexprs, **flags}.items()))
+        items = tuple(sorted({**base, **constexprs}.items()))
         specs.append(Spec(name, dtype, channels_last, items, plan.num_warps, aligned))
 
     if plan.split == 1:
         r = plan.groups_per_program
-        add("_gn_fwd_fused_kernel", R=r, HAS_WEIGHT=True, HAS_BIAS=True, **tile)
-        add("_gn_bwd_fused_kernel", R=r, HAS_WEIGHT=True, NEEDS_DX=True, NEEDS_PARTIALS=True, **tile)
+        add("_gn_fwd_fused_kernel", R=r, **affine)
+        add("_gn_bwd_fused_kernel", R=r, NEEDS_DX=True, NEEDS_PARTIALS=True, **affine)
     else:
         block_split = triton.next_power_of_2(plan.split)
-        add("_gn_fwd_partial_stats_kernel", **tile)
-        add("_gn_fwd_split_apply_kernel", BLOCK_SPLIT=block_split, HAS_WEIGHT=True, HAS_BIAS=True, **tile)
-        add("_gn_bwd_partial_sums_kernel", **tile)
-        add("_gn_bwd_split_dx_kernel", BLOCK_SPLIT=block_split, HAS_WEIGHT=True, **tile)
+        add("_gn_fwd_partial_stats_kernel")
+        add("_gn_fwd_split_apply_kernel", BLOCK_SPLIT=block_split, **affine)
+        add("_gn_bwd_partial_sums_kernel", **affine)
+        add("_gn_bwd_split_dx_kernel", BLOCK_SPLIT=block_split, **affine)
     return specs
 
 
@@ -103,7 +103,8 @@ def all_specs(quick: bool) -> list[Spec]:
                             specs.update(dict.fromkeys(_specs_for_plan(dtype, channels_last, plan, aligned)))
                 if quick and dtype != "fp16":
                     break  # one layout is enough for the other dtypes in quick mode
-        # Tensors over 2^31 elements (int64 offsets) and fp64 (fp64 statistics), on the default plans.
+        # Tensors over 2^31 elements (int64 offsets), fp64 (fp64 statistics) and fused activations,
+        # on the default plans.
         p = Problem(*SUITE[0], torch.float16, False, True, True)
         for direction in ("fwd", "bwd"):
             plan = _tuning.heuristic_plan(direction, p, torch.device("cuda"))
@@ -111,6 +112,8 @@ def all_specs(quick: bool) -> list[Spec]:
                 index_64 = tuple(sorted({**dict(spec.constexprs), "INDEX_64": True}.items()))
                 specs[dataclasses.replace(spec, constexprs=index_64)] = None
                 specs[dataclasses.replace(spec, dtype="fp64")] = None
+            for activation in (1, 2, 3):  # the fused SiLU / GELU / GELU-tanh epilogues
+                specs.update(dict.fromkeys(_specs_for_plan("bf16", False, plan, True, activation)))
         dparams = dict(BLOCK_N=16, BLOCK_C=128, NEEDS_DW=True, NEEDS_DB=True)
         specs[Spec("_gn_bwd_dparams_kernel", "fp32", False, tuple(sorted(dparams.items())), 4, True)] = None
         return list(specs)

@@ -13,12 +13,18 @@ from gn_triton import _launch, _ops, _tuning
 
 
 def test_signatures_match_torch():
-    assert (
-        inspect.signature(gn_triton.group_norm).parameters.keys() == inspect.signature(F.group_norm).parameters.keys()
-    )
-    for name, p in inspect.signature(F.group_norm).parameters.items():
-        assert inspect.signature(gn_triton.group_norm).parameters[name].default == p.default
-    assert inspect.signature(gn_triton.GroupNorm.__init__) == inspect.signature(torch.nn.GroupNorm.__init__)
+    """torch's parameters, in torch's order, with torch's defaults; ours adds keyword-only `activation`."""
+
+    def without_activation(fn):
+        params = inspect.signature(fn).parameters
+        assert params["activation"].kind is inspect.Parameter.KEYWORD_ONLY and params["activation"].default is None
+        return [(p.name, p.kind, p.default) for p in params.values() if p.name != "activation"]
+
+    def of(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert without_activation(gn_triton.group_norm) == of(F.group_norm)
+    assert without_activation(gn_triton.GroupNorm.__init__) == of(torch.nn.GroupNorm.__init__)
 
 
 def test_module_is_a_drop_in(device):

@@ -32,10 +32,12 @@ def test_every_kernel_compiles_for_sm80_and_sm90(report):
     assert not [r for r in report if "error" in r]
 
 
-def test_int64_offsets_and_fp64_compile(report):
-    """Tensors over 2^31 elements (INDEX_64) and fp64 cannot run here; their kernels must compile."""
+def test_int64_offsets_fp64_and_activations_compile(report):
+    """Tensors over 2^31 elements (INDEX_64) cannot run here, and fp64 and the fused activations use
+    math the interpreter does in numpy: their kernels must compile."""
     assert len({r["kernel"] for r in report if r.get("INDEX_64")}) >= 4
     assert len({r["kernel"] for r in report if r["dtype"] == "fp64"}) >= 4
+    assert {r.get("ACTIVATION") for r in report} >= {0, 1, 2, 3}
 
 
 def test_no_register_spills(report):
