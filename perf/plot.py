@@ -30,6 +30,8 @@ def _panels(n: int) -> tuple[int, int]:
 
 def throughput_figure(df: pd.DataFrame, meta: dict, mode: str, dtype: str, layout: str, path: Path) -> Path:
     sub = df[(df["mode"] == mode) & (df["dtype"] == dtype) & (df["layout"] == layout) & (df["status"] == "ok")]
+    activation = meta.get("activation", "none")
+    what = "GroupNorm" if activation == "none" else f"{activation}(GroupNorm)"
     shapes = list(dict.fromkeys(sub["shape"]))
     rows, cols = _panels(len(shapes))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
@@ -49,7 +51,7 @@ def throughput_figure(df: pd.DataFrame, meta: dict, mode: str, dtype: str, layou
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     kind = " (FUNCTIONAL CPU RUN, not performance)" if meta["run_kind"] != "gpu-performance" else ""
-    fig.suptitle(f"GroupNorm {mode} {dtype} {layout} on {meta['device']}{kind}", fontsize=11)
+    fig.suptitle(f"{what} {mode} {dtype} {layout} on {meta['device']}{kind}", fontsize=11)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -85,7 +87,8 @@ def speedup_figure(df: pd.DataFrame, meta: dict, path: Path) -> Path | None:
 def plot_all(df: pd.DataFrame, meta: dict, out: Path) -> list[Path]:
     paths = []
     for (mode, dtype, layout), _ in df[df["status"] == "ok"].groupby(["mode", "dtype", "layout"]):
-        name = f"throughput_{mode.replace('+', '_')}_{dtype}_{layout}.png"
+        act = "" if meta.get("activation", "none") == "none" else f"_{meta['activation']}"
+        name = f"throughput{act}_{mode.replace('+', '_')}_{dtype}_{layout}.png"
         paths.append(throughput_figure(df, meta, mode, dtype, layout, out / name))
     speedup = speedup_figure(df, meta, out / "speedup.png")
     return paths + ([speedup] if speedup else [])

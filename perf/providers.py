@@ -79,7 +79,30 @@ def _apex() -> Provider:
     return Provider("apex_nhwc", apex)
 
 
-def providers(names: list[str], functional: bool) -> list[Provider]:
+TORCH_ACTIVATION = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+}
+
+
+def with_activation(provider: Provider, activation: str | None) -> Provider:
+    """act(GroupNorm(x)): fused in gn_triton; GroupNorm then torch's activation for the others."""
+    if activation is None or provider.fn is None:
+        return provider
+    if provider.name == "gn_triton":
+        import gn_triton
+
+        return Provider(
+            provider.name, lambda x, g, w, b, eps: gn_triton.group_norm(x, g, w, b, eps, activation=activation)
+        )
+    if provider.name == "apex_nhwc":
+        return Provider(provider.name, None, "not timed with an activation here")
+    fn, act = provider.fn, TORCH_ACTIVATION[activation]
+    return Provider(provider.name, lambda x, g, w, b, eps: act(fn(x, g, w, b, eps)))
+
+
+def providers(names: list[str], functional: bool, activation: str | None = None) -> list[Provider]:
     """Providers by name; in a functional (interpreter) run only gn_triton and torch eager run."""
     makers = {
         "gn_triton": _gn_triton,
@@ -93,7 +116,7 @@ def providers(names: list[str], functional: bool) -> list[Provider]:
         if functional and name not in ("gn_triton", "torch_eager"):
             out.append(Provider(name, None, "functional CPU run: only gn_triton and torch eager"))
         else:
-            out.append(makers[name]())
+            out.append(with_activation(makers[name](), activation))
     return out
 
 

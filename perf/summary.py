@@ -1,6 +1,6 @@
 """Summaries of a sweep CSV: the console table and SUMMARY.md.
 
-Per (mode, dtype, layout): geometric-mean speedup of gn_triton over each other provider (over the
+Per (mode, dtype, layout, activation): geometric-mean speedup of gn_triton over each other provider (over the
 shapes and batch sizes both ran), the worst-case ratio, and gn_triton's median % of the measured
 copy bandwidth at batch 1 and batch 32. Targets (forward >= 80%, backward >= 70% of copy bandwidth
 for tensors >= 16 MB) are checked and every miss is listed.
@@ -22,24 +22,26 @@ TARGET_MIN_BYTES = 16 << 20
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["status"] == "ok"]
+    """The timed rows; a CSV from before the activation column counts as activation 'none'."""
+    ok = df[df["status"] == "ok"]
+    return ok.assign(activation=ok["activation"].fillna("none")) if "activation" in ok else ok.assign(activation="none")
 
 
 def speedups(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (mode, dtype, layout, peer): geomean and worst speedup of gn_triton, and gn_triton's
     median % of copy bandwidth at N=1 and N=32."""
     ok = _ok(df)
-    keys = ["mode", "dtype", "layout", "shape", "N"]
+    keys = ["mode", "dtype", "layout", "activation", "shape", "N"]
     ours = ok[ok["provider"] == "gn_triton"].set_index(keys)["ms"]
     out = []
-    for (mode, dtype, layout), group in ok.groupby(["mode", "dtype", "layout"]):
+    for (mode, dtype, layout, activation), group in ok.groupby(["mode", "dtype", "layout", "activation"]):
         mine = group[group["provider"] == "gn_triton"]
         pct = {n: mine[mine["N"] == n]["pct_copy_bw"].median() for n in (1, 32)}
         for peer, peer_rows in group[group["provider"] != "gn_triton"].groupby("provider"):
             ratio = (peer_rows.set_index(keys)["ms"] / ours).dropna()
             if ratio.empty:
                 continue
-            out.append(dict(mode=mode, dtype=dtype, layout=layout, peer=peer, points=len(ratio),
+            out.append(dict(mode=mode, dtype=dtype, layout=layout, activation=activation, peer=peer, points=len(ratio),
                             geomean_speedup=math.exp(ratio.map(math.log).mean()), worst_speedup=ratio.min(),
                             pct_copy_bw_N1=pct[1], pct_copy_bw_N32=pct[32]))  # fmt: skip
     return pd.DataFrame(out)

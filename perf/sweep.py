@@ -56,6 +56,11 @@ def parse_args(argv):
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="default: bf16 (--full: all)")
     p.add_argument("--layout", nargs="+", choices=LAYOUTS, help="default: both")
     p.add_argument("--provider", nargs="+", help="default: all (absent peers are skipped with a reason)")
+    p.add_argument(
+        "--activation",
+        choices=["silu", "gelu", "gelu_tanh"],
+        help="time act(GroupNorm(x)): fused in gn_triton, GroupNorm then the activation for peers",
+    )
     p.add_argument("--full", action="store_true", help="every suite, dtype, layout, batch 1..64")
     p.add_argument("--out", type=Path, help="output folder (default perf/out/<device>)")
     p.add_argument("--no-plot", action="store_true")
@@ -141,7 +146,7 @@ def copy_bandwidth(device: str, timer: Timer) -> float:
     return 2 * numel * 4 / ms / 1e6
 
 
-def reference_check(provider, x, G, w, b, dy, mode) -> float:
+def reference_check(provider, x, G, w, b, dy, mode, activation=None) -> float:
     """max error / max |ref| of y (and dx in backward modes) on the first two samples: GroupNorm is
     per sample, so this checks every code path of the call at a fraction of the cost."""
     from gn_triton.reference import group_norm_reference
@@ -150,7 +155,7 @@ def reference_check(provider, x, G, w, b, dy, mode) -> float:
     xs = x[:k].detach().clone().requires_grad_()
     y = provider.fn(xs, G, w, b, 1e-5)
     xr = x[:k].detach().double().requires_grad_()
-    yr = group_norm_reference(xr, G, w.detach().double(), b.detach().double(), 1e-5)
+    yr = group_norm_reference(xr, G, w.detach().double(), b.detach().double(), 1e-5, activation)
     errors = [((y.double() - yr).abs().max() / yr.abs().max().clamp_min(1)).item()]
     if mode != "fwd":
         y.backward(dy[:k])
@@ -238,7 +243,7 @@ def main(argv=None) -> int:
     sweep = plan_sweep(args, functional=not has_gpu)
     timer = Timer(device)
     copy_gbps = copy_bandwidth(device, timer)
-    provs = providers(sweep["providers"], functional=not has_gpu)
+    provs = providers(sweep["providers"], functional=not has_gpu, activation=args.activation)
     for p in provs:
         if p.fn is None:
             print(f"skipping {p.name}: {p.why_not}")
@@ -254,6 +259,7 @@ def main(argv=None) -> int:
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         python=sys.version.split()[0],
         sweep={k: ([s.label for s in v] if k == "shapes" else v) for k, v in sweep.items()},
+        activation=args.activation or "none",
         notes=[],
     )
     print(f"device: {device_name}; copy bandwidth {copy_gbps:.0f} GB/s; torch {torch.__version__}, "
@@ -287,7 +293,7 @@ def main(argv=None) -> int:
                     if reason:
                         rows.append(dict(row, status=f"skipped: {reason}"))
                         continue
-                    rows.append(measure(row, prov, inputs, shape, mode, timer, has_gpu, copy_gbps))
+                    rows.append(measure(row, prov, inputs, shape, mode, timer, has_gpu, copy_gbps, args.activation))
                 del inputs
                 if has_gpu:
                     torch.cuda.empty_cache()
@@ -311,15 +317,16 @@ def main(argv=None) -> int:
 
 
 def meta_row(meta: dict) -> dict:
-    keys = ("run_kind", "device", "sm_count", "copy_gbps", "torch", "triton", "gn_triton", "commit", "timestamp")
+    keys = ("run_kind", "device", "sm_count", "copy_gbps", "torch", "triton", "gn_triton", "commit", "timestamp",
+            "activation")  # fmt: skip
     return {k: meta[k] for k in keys}
 
 
-def measure(row, prov, inputs, shape, mode, timer, has_gpu, copy_gbps) -> dict:
+def measure(row, prov, inputs, shape, mode, timer, has_gpu, copy_gbps, activation) -> dict:
     """Check one provider on one configuration, then time it; the CSV row."""
     x, w, b, dy = inputs[0]
     try:
-        err = reference_check(prov, x, shape.G, w, b, dy, mode)
+        err = reference_check(prov, x, shape.G, w, b, dy, mode, activation)
         if not err <= CHECK_TOL[x.dtype]:
             return dict(row, status=f"wrong: error {err:.3g} vs float64 reference", check_error=err)
         graph = has_gpu and row["floor_bytes"] < GRAPH_BELOW_BYTES
