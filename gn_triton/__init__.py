@@ -3,13 +3,14 @@
     import gn_triton
     y = gn_triton.group_norm(x, num_groups=32, weight=w, bias=b)   # like F.group_norm
     norm = gn_triton.GroupNorm(32, 320)                            # like nn.GroupNorm
+    model = gn_triton.convert_model(model, activation_fusion=True)  # every nn.GroupNorm, in place
 
 Importing touches no GPU.
 """
 
 from . import _ops  # noqa: F401  (registers the gn_triton:: custom ops)
 from .functional import group_norm
-from .modules import GroupNorm
+from .modules import GroupNorm, convert_model, revert_model
 
 __version__ = "0.1.0"
-__all__ = ["GroupNorm", "group_norm", "__version__"]
+__all__ = ["GroupNorm", "convert_model", "group_norm", "revert_model", "__version__"]

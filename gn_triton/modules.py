@@ -40,3 +40,70 @@ class GroupNorm(torch.nn.GroupNorm):
     def extra_repr(self) -> str:
         extra = super().extra_repr()
         return extra if self.activation is None else f"{extra}, activation={self.activation!r}"
+
+
+_FUSABLE = {
+    torch.nn.SiLU: lambda m: "silu",
+    torch.nn.GELU: lambda m: "gelu_tanh" if m.approximate == "tanh" else "gelu",
+}
+_UNFUSED = {"silu": torch.nn.SiLU, "gelu": torch.nn.GELU, "gelu_tanh": lambda: torch.nn.GELU(approximate="tanh")}
+
+
+class FusedIntoGroupNorm(torch.nn.Identity):
+    """Placeholder left where convert_model(activation_fusion=True) took an activation into the
+    GroupNorm before it; revert_model puts the original activation module back."""
+
+    def __init__(self, original: torch.nn.Module) -> None:
+        super().__init__()
+        self._original = (original,)  # a tuple: kept, but not registered as a submodule
+
+    def extra_repr(self) -> str:
+        return f"fused: {self._original[0]}"
+
+
+def convert_model(model: torch.nn.Module, activation_fusion: bool = False) -> torch.nn.Module:
+    """Make every torch.nn.GroupNorm in `model` (nested, in ModuleLists and Sequentials) a
+    gn_triton.GroupNorm, in place, and return `model`.
+
+    The modules keep their identity, parameters, buffers and hooks (only their class changes), so
+    no tensor is copied and an optimizer built before the conversion stays valid. With
+    activation_fusion=True, a GroupNorm directly followed by nn.SiLU or nn.GELU inside an
+    nn.Sequential takes that activation into its kernel, and the activation's slot holds a
+    FusedIntoGroupNorm placeholder (indices and state_dict keys are unchanged). Subclasses of
+    nn.GroupNorm with their own forward are left alone.
+    """
+    for module in model.modules():
+        if type(module) is torch.nn.GroupNorm:
+            module.__class__ = GroupNorm
+            module.activation = None
+    if activation_fusion:
+        for seq in model.modules():
+            if not isinstance(seq, torch.nn.Sequential):
+                continue
+            for i in range(len(seq) - 1):
+                norm, act = seq[i], seq[i + 1]
+                if type(norm) is GroupNorm and norm.activation is None and type(act) in _FUSABLE:
+                    norm.activation = _FUSABLE[type(act)](act)
+                    seq[i + 1] = FusedIntoGroupNorm(act)
+    return model
+
+
+def revert_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo convert_model in place: gn_triton.GroupNorm modules become torch.nn.GroupNorm again and
+    fused activations go back to their own modules. Returns `model`."""
+    for seq in model.modules():
+        if isinstance(seq, torch.nn.Sequential):
+            for i in range(1, len(seq)):
+                if isinstance(seq[i], FusedIntoGroupNorm):
+                    seq[i] = seq[i]._original[0]
+                    seq[i - 1].activation = None
+    for module in model.modules():
+        if type(module) is GroupNorm:
+            if module.activation is not None:
+                raise ValueError(
+                    f"revert_model(): {module} has a fused activation with no placeholder to restore it into; "
+                    "revert it by hand (e.g. nn.Sequential(nn.GroupNorm, activation))"
+                )
+            del module.activation
+            module.__class__ = torch.nn.GroupNorm
+    return model
