@@ -42,11 +42,11 @@ class GroupNorm(torch.nn.GroupNorm):
         return extra if self.activation is None else f"{extra}, activation={self.activation!r}"
 
 
+# Activation modules convert_model can fuse, and the kernel activation each one is.
 _FUSABLE = {
     torch.nn.SiLU: lambda m: "silu",
     torch.nn.GELU: lambda m: "gelu_tanh" if m.approximate == "tanh" else "gelu",
 }
-_UNFUSED = {"silu": torch.nn.SiLU, "gelu": torch.nn.GELU, "gelu_tanh": lambda: torch.nn.GELU(approximate="tanh")}
 
 
 class FusedIntoGroupNorm(torch.nn.Identity):
