@@ -168,22 +168,20 @@ def _launch_fwd(x, y, weight, bias, mean, mean_lo, rstd, eps, p: Problem, plan: 
     flags = _kernel_flags(x, p)
     w = weight if weight is not None else x  # placeholder pointer, never read
     b = bias if bias is not None else x
-    blocks = dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
+    blocks = dict(R=plan.groups_per_program, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
     if plan.split == 1:
-        grid = (p.N * triton.cdiv(p.G, plan.groups_per_program),)
-        _gn_fwd_fused_kernel[grid](
-            x, y, w, b, mean, mean_lo, rstd, p.C, p.S, p.G, p.Cg, eps,
-            R=plan.groups_per_program, **blocks, **flags,
-        )  # fmt: skip
+        _gn_fwd_fused_kernel[(plan.blocks(p),)](
+            x, y, w, b, mean, mean_lo, rstd, p.C, p.S, p.G, p.Cg, eps, **blocks, **flags
+        )
         return
     span, split = plan.span(p.S)
     partials = torch.empty((p.rows, split, 3), dtype=mean.dtype, device=x.device)
-    for row_offset, rows in plan.waves(p.rows):
-        _gn_fwd_partial_stats_kernel[(rows, split)](
-            x, partials, row_offset, p.C, p.S, p.G, p.Cg, span, split, **blocks, **_base_flags(flags)
+    for offset, count in plan.waves(p):
+        _gn_fwd_partial_stats_kernel[(count, split)](
+            x, partials, offset, p.C, p.S, p.G, p.Cg, span, split, **blocks, **_base_flags(flags)
         )
-        _gn_fwd_split_apply_kernel[(rows, split)](
-            x, y, w, b, partials, mean, mean_lo, rstd, row_offset, p.C, p.S, p.G, p.Cg, span, split, eps,
+        _gn_fwd_split_apply_kernel[(count, split)](
+            x, y, w, b, partials, mean, mean_lo, rstd, offset, p.C, p.S, p.G, p.Cg, span, split, eps,
             BLOCK_SPLIT=triton.next_power_of_2(split), **blocks, **flags,
         )  # fmt: skip
 
@@ -230,27 +228,26 @@ def _launch_bwd(dy, x, weight, bias, mean, mean_lo, rstd, dx, dw, db, needs_dx, 
     flags = _kernel_flags(x, p)
     w = weight if weight is not None else x  # placeholder pointers, never read
     b = bias if bias is not None else x
-    blocks = dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
+    blocks = dict(R=plan.groups_per_program, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
     needs_params = dw.numel() > 0 or db.numel() > 0
     if plan.split == 1:
         split = 1
         partials = torch.empty((p.N, p.C, 1, 2), dtype=mean.dtype, device=x.device) if needs_params else x
-        grid = (p.N * triton.cdiv(p.G, plan.groups_per_program),)
-        _gn_bwd_fused_kernel[grid](
+        _gn_bwd_fused_kernel[(plan.blocks(p),)](
             x, dy, dx, w, b, mean, mean_lo, rstd, partials, p.C, p.S, p.G, p.Cg,
-            R=plan.groups_per_program, NEEDS_DX=needs_dx, NEEDS_PARTIALS=needs_params, **blocks, **flags,
+            NEEDS_DX=needs_dx, NEEDS_PARTIALS=needs_params, **blocks, **flags,
         )  # fmt: skip
     else:
         span, split = plan.span(p.S)
         partials = torch.empty((p.N, p.C, split, 2), dtype=mean.dtype, device=x.device)
-        for row_offset, rows in plan.waves(p.rows):
-            _gn_bwd_partial_sums_kernel[(rows, split)](
-                x, dy, w, b, mean, mean_lo, rstd, partials, row_offset, p.C, p.S, p.G, p.Cg, span, split,
+        for offset, count in plan.waves(p):
+            _gn_bwd_partial_sums_kernel[(count, split)](
+                x, dy, w, b, mean, mean_lo, rstd, partials, offset, p.C, p.S, p.G, p.Cg, span, split,
                 **blocks, **flags,
             )  # fmt: skip
             if needs_dx:
-                _gn_bwd_split_dx_kernel[(rows, split)](
-                    x, dy, dx, w, b, mean, mean_lo, rstd, partials, row_offset, p.C, p.S, p.G, p.Cg, span,
+                _gn_bwd_split_dx_kernel[(count, split)](
+                    x, dy, dx, w, b, mean, mean_lo, rstd, partials, offset, p.C, p.S, p.G, p.Cg, span,
                     split, BLOCK_SPLIT=triton.next_power_of_2(split), **blocks, **flags,
                 )  # fmt: skip
     if needs_params:

@@ -1,11 +1,12 @@
 """How a GroupNorm problem is cut into programs: the heuristic plan, the autotuner and its cache.
 
-The design (see README "How it works"): rows are the N*G groups. When rows fill the GPU and a row is
-small enough that the rows of all resident programs stay in L2, one fused launch does a row per
-program (or several tiny rows per program). Otherwise each row is split into spans over more
-programs (batch 1 must not run on 32 programs), with a partial-statistics launch then an apply
-launch; when the tensor is larger than L2 the rows go in waves whose bytes fit in L2, so that the
-apply launch re-reads the wave from L2 instead of HBM.
+The design (see README "How it works"): rows are the N*G groups; a program owns a block of groups of
+one sample (one group for NCHW, several tiny ones, or all of them for channels_last so that tiles
+read whole pixels). When blocks fill the GPU and are small enough that the blocks of all resident
+programs stay in L2, one fused launch does a block per program. Otherwise each block is split into
+spans over more programs (batch 1 must not run on 32 programs), with a partial-statistics launch
+then an apply launch; when the tensor is larger than L2 the blocks go in waves whose bytes fit in
+L2, so that the apply launch re-reads the wave from L2 instead of HBM.
 """
 
 from __future__ import annotations
@@ -61,32 +62,39 @@ class Problem:
 
 @dataclass(frozen=True)
 class Plan:
-    """split: programs per row (1 = fused path, one launch); groups_per_program: rows per program on
-    the fused path; block_c x block_s: the tile; wave_rows: rows per wave of the split path (0: all)."""
+    """How a call is cut into programs. A program owns a block of `groups_per_program` groups of one
+    sample; split: programs per block along positions (1 = fused path, one launch); block_c x block_s:
+    the tile; wave_blocks: blocks per wave of the split path (0: all at once)."""
 
     split: int = 1
     groups_per_program: int = 1
     block_c: int = 16
     block_s: int = 256
     num_warps: int = 4
-    wave_rows: int = 0
+    wave_blocks: int = 0
+
+    def blocks(self, p: Problem) -> int:
+        return p.N * triton.cdiv(p.G, self.groups_per_program)
 
     def span(self, S: int) -> tuple[int, int]:
         """(positions per span, number of spans): spans are whole tiles, none of them empty."""
         span = triton.cdiv(triton.cdiv(S, self.split), self.block_s) * self.block_s
         return span, triton.cdiv(S, span)
 
-    def waves(self, rows: int) -> Iterator[tuple[int, int]]:
-        step = self.wave_rows or rows
-        for offset in range(0, rows, step):
-            yield offset, min(step, rows - offset)
+    def waves(self, p: Problem) -> Iterator[tuple[int, int]]:
+        """(first block, block count) of each wave."""
+        blocks = self.blocks(p)
+        step = self.wave_blocks or blocks
+        for offset in range(0, blocks, step):
+            yield offset, min(step, blocks - offset)
 
     def fit(self, p: Problem) -> Plan:
         """This plan made valid for `p` (plans are cached per bucket of similar problems)."""
         split = max(1, min(self.split, triton.cdiv(p.S, self.block_s), _MAX_GRID_Y))
-        groups = 1 if split > 1 else max(1, min(self.groups_per_program, triton.next_power_of_2(p.G)))
-        wave = self.wave_rows if 0 < self.wave_rows < p.rows else 0
-        return dataclasses.replace(self, split=split, groups_per_program=groups, wave_rows=wave)
+        groups = max(1, min(self.groups_per_program, triton.next_power_of_2(p.G)))
+        fitted = dataclasses.replace(self, split=split, groups_per_program=groups)
+        wave = self.wave_blocks if 0 < self.wave_blocks < fitted.blocks(p) else 0
+        return dataclasses.replace(fitted, wave_blocks=wave)
 
 
 @functools.cache
@@ -100,33 +108,50 @@ def device_info(device: torch.device) -> tuple[int, int]:
 
 def _tile(p: Problem, groups: int, elems: int, split: int) -> tuple[int, int]:
     """(block_c, block_s) of about `elems` elements, long along the layout's contiguous axis, and
-    short enough along positions that a row splits into `split` spans."""
-    channels = triton.next_power_of_2(p.Cg * groups)
+    short enough along positions that a block splits into `split` spans."""
+    channels = min(p.Cg * groups, p.C)
     positions = triton.next_power_of_2(p.S)
     if split > 1:
         span = triton.cdiv(p.S, split)
         positions = min(positions, max(16, 1 << (span.bit_length() - 1)))
     if p.channels_last:
-        block_c = min(channels, elems)
+        # A pixel's channels of the block in one tile row when they fit in 128; otherwise channel
+        # blocks that divide them (no padded lanes), at least 32 wide.
+        block_c = triton.next_power_of_2(channels)
+        if block_c > 128:
+            divisor = channels & -channels
+            block_c = min(128, divisor) if divisor >= 32 else 128
         return block_c, min(positions, max(1, elems // block_c))
     block_s = min(positions, elems)
-    return min(channels, max(1, elems // block_s)), block_s
+    return min(triton.next_power_of_2(channels), max(1, elems // block_s)), block_s
 
 
-def _make_plan(p: Problem, split: int, groups: int, elems: int, num_warps: int, wave_rows: int) -> Plan:
+def _make_plan(p: Problem, split: int, groups: int, elems: int, num_warps: int, wave_blocks: int) -> Plan:
     block_c, block_s = _tile(p, groups, elems, split)
-    return Plan(split, groups, block_c, block_s, num_warps, wave_rows).fit(p)
+    return Plan(split, groups, block_c, block_s, num_warps, wave_blocks).fit(p)
 
 
 def _tensors_read(direction: str) -> int:
     return 1 if direction == "fwd" else 2  # forward reads x; backward reads x and dy
 
 
-def _wave_rows(direction: str, p: Problem, l2_bytes: int) -> int:
-    row_bytes = p.row_elems * p.elem_size * _tensors_read(direction)
-    if p.rows * row_bytes <= l2_bytes // 2:
+def _wave_blocks(direction: str, p: Problem, groups: int, l2_bytes: int) -> int:
+    """Blocks per wave so that a wave's bytes fit in half the L2 (0: the whole tensor already does)."""
+    block_bytes = groups * p.row_elems * p.elem_size * _tensors_read(direction)
+    if p.N * triton.cdiv(p.G, groups) * block_bytes <= l2_bytes // 2:
         return 0
-    return max(1, (l2_bytes // 2) // row_bytes)
+    return max(1, (l2_bytes // 2) // block_bytes)
+
+
+def _layout_groups(p: Problem) -> int:
+    """Groups per program the layout wants. NCHW: one (a group is contiguous). channels_last: enough
+    adjacent groups that each pixel's slice of the block is at least a 128-byte cache line, so that
+    strided pixel reads waste no sectors, while blocks stay small enough to fill the GPU and to go
+    in L2-sized waves."""
+    if not p.channels_last:
+        return 1
+    groups = triton.next_power_of_2(triton.cdiv(128, p.Cg * p.elem_size))
+    return min(groups, triton.next_power_of_2(p.G))
 
 
 def heuristic_plan(direction: str, p: Problem, device: torch.device) -> Plan:
@@ -137,38 +162,43 @@ def heuristic_plan(direction: str, p: Problem, device: torch.device) -> Plan:
         groups = 1
         while groups * 2 <= triton.next_power_of_2(p.G) and groups * 2 * p.row_elems <= elems:
             groups *= 2
-        return _make_plan(p, 1, groups, elems, 4, 0)
+        return _make_plan(p, 1, max(groups, _layout_groups(p)), elems, 4, 0)
 
     sms, l2_bytes = device_info(device)
     elems = 4096 if p.elem_size <= 2 else 2048
-    row_bytes = p.row_elems * p.elem_size * _tensors_read(direction)
-    if p.rows >= 2 * sms and row_bytes <= 128 << 10:
-        groups = 1  # tiny rows: several per program, while programs still fill the GPU
-        while (
+    num_warps = 8 if elems >= 4096 else 4
+    groups = _layout_groups(p)
+    blocks = p.N * triton.cdiv(p.G, groups)
+    block_bytes = groups * p.row_elems * p.elem_size * _tensors_read(direction)
+    if blocks >= 2 * sms and block_bytes <= 128 << 10:
+        while (  # tiny groups: several per program, while programs still fill the GPU
             groups * 2 <= triton.next_power_of_2(p.G)
             and groups * 2 * p.row_elems <= elems
-            and p.rows // (groups * 2) >= 4 * sms
+            and p.N * triton.cdiv(p.G, groups * 2) >= 4 * sms
         ):
             groups *= 2
-        return _make_plan(p, 1, groups, elems, 8 if elems >= 4096 else 4, 0)
-    wave = _wave_rows(direction, p, l2_bytes)
-    split = triton.cdiv(4 * sms, wave or p.rows)
-    return _make_plan(p, split, 1, elems, 8 if elems >= 4096 else 4, wave)
+        return _make_plan(p, 1, groups, elems, num_warps, 0)
+    wave = _wave_blocks(direction, p, groups, l2_bytes)
+    split = triton.cdiv(4 * sms, wave or blocks)
+    return _make_plan(p, split, groups, elems, num_warps, wave)
 
 
 def candidate_plans(direction: str, p: Problem, device: torch.device) -> list[Plan]:
-    """The autotuner's search space: tile size, warps, fused vs split and its split factor, waves."""
+    """The autotuner's search space: groups per program, tile size, warps, fused vs split and its
+    split factor, waves."""
     sms, l2_bytes = device_info(device)
     plans = [heuristic_plan(direction, p, device)]
-    wave = _wave_rows(direction, p, l2_bytes)
-    for elems, num_warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8)):
-        if p.rows >= sms:
-            plans.append(_make_plan(p, 1, 1, elems, num_warps, 0))
-        for wave_rows in dict.fromkeys((wave, 0)):  # waves that fit L2, or all rows at once
-            for programs_per_sm in (2, 4, 8, 16):
-                split = triton.cdiv(programs_per_sm * sms, wave_rows or p.rows)
-                if split > 1:
-                    plans.append(_make_plan(p, split, 1, elems, num_warps, wave_rows))
+    for groups in dict.fromkeys((_layout_groups(p), 1, triton.next_power_of_2(p.G) if p.channels_last else 1)):
+        blocks = p.N * triton.cdiv(p.G, groups)
+        wave = _wave_blocks(direction, p, groups, l2_bytes)
+        for elems, num_warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8)):
+            if blocks >= sms:
+                plans.append(_make_plan(p, 1, groups, elems, num_warps, 0))
+            for wave_blocks in dict.fromkeys((wave, 0)):  # waves that fit L2, or all blocks at once
+                for programs_per_sm in (2, 4, 8, 16):
+                    split = triton.cdiv(programs_per_sm * sms, wave_blocks or blocks)
+                    if split > 1:
+                        plans.append(_make_plan(p, split, groups, elems, num_warps, wave_blocks))
     return list(dict.fromkeys(plans))  # fit() folds equivalent plans together
 
 

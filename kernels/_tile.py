@@ -35,6 +35,18 @@ def tile_offsets(c, s, C, S, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr
 
 
 @triton.jit
+def group_block(block, G, Cg, C, R: tl.constexpr):
+    """The block-th block of R consecutive groups of one sample (blocks numbered sample by sample):
+    (n, first group, its channels [c_begin, c_end), group ids [R], group mask [R])."""
+    blocks_per_sample = tl.cdiv(G, R)
+    n = block // blocks_per_sample
+    g_begin = (block % blocks_per_sample) * R
+    c_begin = g_begin * Cg
+    g = g_begin + tl.arange(0, R)
+    return n, c_begin, tl.minimum(c_begin + R * Cg, C), g, g < G
+
+
+@triton.jit
 def group_membership(c, c_begin, c_end, Cg, R: tl.constexpr):
     """[R, BLOCK_C] mask: channel c belongs to the r-th group of the program's block."""
     return ((c - c_begin)[None, :] // Cg == tl.arange(0, R)[:, None]) & (c < c_end)[None, :]

@@ -8,9 +8,11 @@ activation, z recomputed from x) and gw = g*w[c], the gradients are
 Every path first forms per-(n, c) sums of g and of g*(x - mean_hi) in a small ACC workspace
 Partials (N, C, SPLIT, 2); dx needs only their per-group weighted totals, and dweight/dbias are a
 fixed-order reduction of the workspace over n and spans (`_gn_bwd_dparams_kernel`).
-  fused: one program owns R whole groups: sums, then dx (the second read of x, dy hits L1/L2).
+Programs own blocks of R groups of one sample, as in the forward.
+  fused: a program takes its groups' sums over all positions, then writes dx (the second read of
+         x, dy hits L1/L2).
   split: `_gn_bwd_partial_sums_kernel` writes per-span sums, `_gn_bwd_split_dx_kernel` merges the
-         row's spans in a fixed order and writes dx for its own span.
+         block's spans in a fixed order and writes dx for its own span.
 """
 
 import triton
@@ -21,10 +23,20 @@ from ._tile import (
     channel_grad_sums,
     dx_coefficients,
     dx_span,
+    group_block,
     group_membership,
     to_channels,
     to_groups,
 )
+
+
+@triton.jit
+def _load_stats(Mean, MeanLo, Rstd, n, G, g, g_mask):
+    stat = n * G + g
+    mean_hi = tl.load(Mean + stat, mask=g_mask, other=0.0)
+    mean_lo = tl.load(MeanLo + stat, mask=g_mask, other=0.0)
+    rstd = tl.load(Rstd + stat, mask=g_mask, other=0.0)
+    return mean_hi, mean_lo, rstd
 
 
 @triton.jit
@@ -44,19 +56,10 @@ def _gn_bwd_fused_kernel(
     NEEDS_DX: tl.constexpr, NEEDS_PARTIALS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    blocks_per_sample = tl.cdiv(G, R)
-    pid = tl.program_id(0)
-    n = pid // blocks_per_sample
-    g_begin = (pid % blocks_per_sample) * R
-    c_begin = g_begin * Cg
-    c_end = tl.minimum(c_begin + R * Cg, C)
+    n, c_begin, c_end, g, g_mask = group_block(tl.program_id(0), G, Cg, C, R)
     x_sample = X + n.to(tl.int64) * C * S
     dy_sample = DY + n.to(tl.int64) * C * S
-    g = g_begin + tl.arange(0, R)
-    stat = n * G + g
-    mean_hi = tl.load(Mean + stat, mask=g < G, other=0.0)
-    mean_lo = tl.load(MeanLo + stat, mask=g < G, other=0.0)
-    rstd = tl.load(Rstd + stat, mask=g < G, other=0.0)
+    mean_hi, mean_lo, rstd = _load_stats(Mean, MeanLo, Rstd, n, G, g, g_mask)
 
     sum_g_dy = tl.zeros([R], ACC)
     sum_g_dy_xc = tl.zeros([R], ACC)
@@ -98,27 +101,21 @@ def _gn_bwd_partial_sums_kernel(
     MeanLo,  # (N, G) ACC
     Rstd,  # (N, G) ACC
     Partials,  # (N, C, SPLIT, 2) ACC: per-(n, c, span) sum(g), sum(g*(x - mean_hi))
-    row_offset, C, S, G, Cg, span, SPLIT,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    block_offset, C, S, G, Cg, span, SPLIT,
+    R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    row = row_offset + tl.program_id(0)
+    n, c_begin, c_end, g, g_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
-    n = row // G
-    c_begin = (row % G) * Cg
-    c_end = c_begin + Cg
     s_begin = j * span
     s_end = tl.minimum(s_begin + span, S)
     x_sample = X + n.to(tl.int64) * C * S
     dy_sample = DY + n.to(tl.int64) * C * S
-    stat = row + tl.arange(0, 1)
-    mean_hi = tl.load(Mean + stat)
-    mean_lo = tl.load(MeanLo + stat)
-    rstd = tl.load(Rstd + stat)
+    mean_hi, mean_lo, rstd = _load_stats(Mean, MeanLo, Rstd, n, G, g, g_mask)
     for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        member = group_membership(c, c_begin, c_end, Cg, 1)
+        member = group_membership(c, c_begin, c_end, Cg, R)
         a, b = channel_affine(member, c, c < c_end, W, B, mean_lo, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
         sum_dy, sum_dy_xc = channel_grad_sums(
             x_sample, dy_sample, to_channels(member, mean_hi), a, b, c, c_end, s_begin, s_end, C, S,
@@ -140,23 +137,18 @@ def _gn_bwd_split_dx_kernel(
     MeanLo,  # (N, G) ACC
     Rstd,  # (N, G) ACC
     Partials,  # (N, C, SPLIT, 2) ACC, from _gn_bwd_partial_sums_kernel
-    row_offset, C, S, G, Cg, span, SPLIT,
-    BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    block_offset, C, S, G, Cg, span, SPLIT,
+    BLOCK_SPLIT: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    row = row_offset + tl.program_id(0)
+    n, c_begin, c_end, g, g_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
-    n = row // G
-    c_begin = (row % G) * Cg
-    c_end = c_begin + Cg
-    stat = row + tl.arange(0, 1)
-    mean_hi = tl.load(Mean + stat)
-    mean_lo = tl.load(MeanLo + stat)
-    rstd = tl.load(Rstd + stat)
+    mean_hi, mean_lo, rstd = _load_stats(Mean, MeanLo, Rstd, n, G, g, g_mask)
 
-    sum_g_dy = tl.zeros([1], ACC)
-    sum_g_dy_xc = tl.zeros([1], ACC)
+    # Merge the spans' per-channel sums (fixed order), weight them, and total them per group.
+    sum_g_dy = tl.zeros([R], ACC)
+    sum_g_dy_xc = tl.zeros([R], ACC)
     k = tl.arange(0, BLOCK_SPLIT)[None, :]
     for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
@@ -169,7 +161,7 @@ def _gn_bwd_split_dx_kernel(
             w = tl.load(W + c, mask=c_mask, other=0.0).to(ACC)
             sum_dy *= w
             sum_dy_xc *= w
-        member = group_membership(c, c_begin, c_end, Cg, 1)
+        member = group_membership(c, c_begin, c_end, Cg, R)
         sum_g_dy += to_groups(member, sum_dy)
         sum_g_dy_xc += to_groups(member, sum_dy_xc)
 
@@ -179,7 +171,7 @@ def _gn_bwd_split_dx_kernel(
     dx_span(
         X + n.to(tl.int64) * C * S, DY + n.to(tl.int64) * C * S, DX + n.to(tl.int64) * C * S, W, B,
         mean_hi, mean_lo, rstd, coef_x, coef_1, c_begin, c_end, s_begin, s_end, C, S, Cg,
-        1, BLOCK_C, BLOCK_S, HAS_WEIGHT, HAS_BIAS, ACTIVATION, CHANNELS_LAST, INDEX_64, ACC,
+        R, BLOCK_C, BLOCK_S, HAS_WEIGHT, HAS_BIAS, ACTIVATION, CHANNELS_LAST, INDEX_64, ACC,
     )  # fmt: skip
 
 

@@ -13,7 +13,7 @@ PLANS = [
     dict(split=1, block_c=4, block_s=64),
     dict(split=1, groups_per_program=4, block_c=16, block_s=16),
     dict(split=3, block_c=4, block_s=32),
-    dict(split=2, block_c=2, block_s=64, wave_rows=5),
+    dict(split=2, block_c=2, block_s=64, wave_blocks=5),
 ]
 
 

@@ -59,7 +59,8 @@ class Spec:
 
 
 def _specs_for_plan(dtype: str, channels_last: bool, plan: Plan, aligned: bool, activation: int = 0) -> list[Spec]:
-    base = dict(CHANNELS_LAST=channels_last, INDEX_64=False, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s)
+    base = dict(CHANNELS_LAST=channels_last, INDEX_64=False, R=plan.groups_per_program, BLOCK_C=plan.block_c,
+                BLOCK_S=plan.block_s)  # fmt: skip
     affine = dict(HAS_WEIGHT=True, HAS_BIAS=True, ACTIVATION=activation)
     specs = []
 
@@ -68,9 +69,8 @@ def _specs_for_plan(dtype: str, channels_last: bool, plan: Plan, aligned: bool, 
         specs.append(Spec(name, dtype, channels_last, items, plan.num_warps, aligned))
 
     if plan.split == 1:
-        r = plan.groups_per_program
-        add("_gn_fwd_fused_kernel", R=r, **affine)
-        add("_gn_bwd_fused_kernel", R=r, NEEDS_DX=True, NEEDS_PARTIALS=True, **affine)
+        add("_gn_fwd_fused_kernel", **affine)
+        add("_gn_bwd_fused_kernel", NEEDS_DX=True, NEEDS_PARTIALS=True, **affine)
     else:
         block_split = triton.next_power_of_2(plan.split)
         add("_gn_fwd_partial_stats_kernel")

@@ -28,7 +28,8 @@ PATHS = {
     "fused, small tiles": dict(split=1, block_c=2, block_s=4),
     "fused, 4 groups per program": dict(split=1, groups_per_program=4, block_c=4, block_s=8),
     "split 3, small tiles": dict(split=3, block_c=2, block_s=4),
-    "split, waves of 3 rows": dict(split=2, block_c=4, block_s=4, wave_rows=3),
+    "split, waves of 3 blocks": dict(split=2, block_c=4, block_s=4, wave_blocks=3),
+    "split, 4 groups per program": dict(split=3, groups_per_program=4, block_c=4, block_s=4),
 }
 
 
@@ -112,3 +113,30 @@ def test_sliced_grad(device):
     dy = make_input((2, 6, 4, 5), torch.float32, device, layout="sliced")
     assert not dy.is_contiguous()
     assert_matches_reference(x, 3, w, b, dy=dy)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 5, 6), (1, 8, 3, 4, 5)], ids=["NHWC", "NDHWC"])
+@pytest.mark.parametrize("path", ["heuristic", "split 3, small tiles"])
+def test_channels_last_makes_no_copy(shape, path, device, monkeypatch):
+    """channels_last input and gradient are read in place: the launcher never copies them."""
+    import gn_triton
+
+    copies = []
+    real = torch.Tensor.contiguous
+
+    def spy(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if out.data_ptr() != self.data_ptr():
+            copies.append(tuple(self.shape))
+        return out
+
+    x = make_input(shape, torch.float32, device, layout="channels_last").requires_grad_()
+    dy = make_input(shape, torch.float32, device, layout="channels_last")
+    w, b = make_params(shape[1], torch.float32, device)
+    monkeypatch.setattr(torch.Tensor, "contiguous", spy)
+    with _tuning.override_plan(**PATHS[path]):
+        y = gn_triton.group_norm(x, 4, w, b)
+        y.backward(dy)
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    assert copies == []
+    assert y.is_contiguous(memory_format=fmt) and x.grad.is_contiguous(memory_format=fmt)

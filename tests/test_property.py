@@ -13,8 +13,8 @@ PLANS = st.one_of(
     st.just({}),
     st.builds(dict, split=st.just(1), groups_per_program=st.sampled_from([1, 2, 4]),
               block_c=st.sampled_from([1, 2, 8]), block_s=st.sampled_from([1, 4, 16])),
-    st.builds(dict, split=st.integers(2, 5), block_c=st.sampled_from([1, 4]), block_s=st.sampled_from([2, 8]),
-              wave_rows=st.integers(0, 3)),
+    st.builds(dict, split=st.integers(2, 5), groups_per_program=st.sampled_from([1, 2, 4]),
+              block_c=st.sampled_from([1, 4]), block_s=st.sampled_from([2, 8]), wave_blocks=st.integers(0, 3)),
 )  # fmt: skip
 
 
