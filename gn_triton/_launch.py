@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -18,6 +19,7 @@ from . import _tuning
 from ._tuning import INTERPRET, Plan, Problem
 from .kernels import (
     _gn_bwd_dparams_kernel,
+    _gn_bwd_dscale_shift_kernel,
     _gn_bwd_fused_kernel,
     _gn_bwd_partial_sums_kernel,
     _gn_bwd_split_dx_kernel,
@@ -98,7 +100,44 @@ def check_activation(activation: str | None) -> int:
     return ACTIVATIONS[activation]
 
 
-def _problem(x: torch.Tensor, num_groups: int, has_weight: bool, has_bias: bool, activation: int) -> Problem:
+def check_modulation(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None) -> None:
+    """scale and shift, when given, are floating (N, C) tensors on x's device."""
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"group_norm(): {name} must be a Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(x.shape[:2]):
+            raise RuntimeError(
+                f"group_norm(): expected {name} of shape (N, C) = {tuple(x.shape[:2])}, got {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"group_norm(): {name} must be a floating point tensor, got dtype {t.dtype}")
+        if t.device != x.device:
+            raise RuntimeError(
+                f"group_norm(): expected all tensors to be on the same device, but got input on {x.device} "
+                f"and {name} on {t.device}"
+            )
+
+
+@dataclass
+class Affine:
+    """What follows the normalisation: y = act((x_hat*weight + bias)*(1 + scale) + shift). weight
+    and bias are (C,), scale and shift per sample (N, C); each may be None."""
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+    activation: str | None = None
+
+    def pointers(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(weight, bias, scale, shift) for a launch; the placeholder stands in for an absent one
+        (its kernel flag is off, so it is never read)."""
+        return tuple(placeholder if t is None else t for t in (self.weight, self.bias, self.scale, self.shift))
+
+
+def _problem(x: torch.Tensor, num_groups: int, affine: Affine) -> Problem:
     return Problem(
         N=x.shape[0],
         C=x.shape[1],
@@ -106,9 +145,11 @@ def _problem(x: torch.Tensor, num_groups: int, has_weight: bool, has_bias: bool,
         G=num_groups,
         dtype=x.dtype,
         channels_last=memory_format(x) != torch.contiguous_format,
-        has_weight=has_weight,
-        has_bias=has_bias,
-        activation=activation,
+        has_weight=affine.weight is not None,
+        has_bias=affine.bias is not None,
+        has_scale=affine.scale is not None,
+        has_shift=affine.shift is not None,
+        activation=check_activation(affine.activation),
     )
 
 
@@ -122,6 +163,8 @@ def _kernel_flags(x: torch.Tensor, problem: Problem) -> dict:
     return dict(
         HAS_WEIGHT=problem.has_weight,
         HAS_BIAS=problem.has_bias,
+        HAS_SCALE=problem.has_scale,
+        HAS_SHIFT=problem.has_shift,
         ACTIVATION=problem.activation,
         CHANNELS_LAST=problem.channels_last,
         INDEX_64=x.numel() > _INT32_MAX,
@@ -129,49 +172,57 @@ def _kernel_flags(x: torch.Tensor, problem: Problem) -> dict:
     )
 
 
+def _merge_step(split: int) -> int:
+    """Spans merged per step when a program reads its block's partials: few enough to keep the
+    merge tile small in registers."""
+    return min(triton.next_power_of_2(split), 16)
+
+
 def _base_flags(flags: dict) -> dict:
     """The flags of the kernels that only read x (partial statistics): layout, indexing, accumulator."""
     return {k: flags[k] for k in ("CHANNELS_LAST", "INDEX_64", "ACC")}
 
 
+def _modulation(affine: Affine) -> Affine:
+    """scale/shift as dense (N, C) rows (tiny: a copy only if a view was passed)."""
+    scale = None if affine.scale is None else affine.scale.contiguous()
+    shift = None if affine.shift is None else affine.shift.contiguous()
+    return Affine(affine.weight, affine.bias, scale, shift, affine.activation)
+
+
 def gn_fwd(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    num_groups: int,
-    eps: float,
-    activation: str | None = None,
+    x: torch.Tensor, num_groups: int, eps: float, affine: Affine
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GroupNorm forward, optionally followed by a fused activation. Returns (y, mean, mean_lo, rstd);
-    the stats are (N, G) in fp32 (fp64 for fp64 input), mean is the group mean rounded to that dtype
-    and mean_lo the rounding residual."""
+    """GroupNorm forward with what follows it (`affine`). Returns (y, mean, mean_lo, rstd); the stats
+    are (N, G) in fp32 (fp64 for fp64 input), mean is the group mean rounded to that dtype and
+    mean_lo the rounding residual."""
     fmt = memory_format(x)
     y = torch.empty_like(x, memory_format=fmt)
-    N, C = x.shape[:2]
+    N = x.shape[0]
     mean, mean_lo, rstd = (torch.empty((N, num_groups), dtype=stats_dtype(x), device=x.device) for _ in range(3))
-    problem = _problem(x, num_groups, weight is not None, bias is not None, check_activation(activation))
+    problem = _problem(x, num_groups, affine)
     if y.numel() == 0:
         # Like torch: an empty group has NaN statistics.
         for t in (mean, mean_lo, rstd):
             t.fill_(float("nan"))
         return y, mean, mean_lo, rstd
     x = _dense(x, fmt)
+    affine = _modulation(affine)
 
     def launch(plan: Plan) -> None:
-        _launch_fwd(x, y, weight, bias, mean, mean_lo, rstd, eps, problem, plan)
+        _launch_fwd(x, y, affine, mean, mean_lo, rstd, eps, problem, plan)
 
     launch(_tuning.choose_plan("fwd", problem, x.device, launch))
     return y, mean, mean_lo, rstd
 
 
-def _launch_fwd(x, y, weight, bias, mean, mean_lo, rstd, eps, p: Problem, plan: Plan) -> None:
+def _launch_fwd(x, y, affine: Affine, mean, mean_lo, rstd, eps, p: Problem, plan: Plan) -> None:
     flags = _kernel_flags(x, p)
-    w = weight if weight is not None else x  # placeholder pointer, never read
-    b = bias if bias is not None else x
+    w, b, scale, shift = affine.pointers(x)
     blocks = dict(R=plan.groups_per_program, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
     if plan.split == 1:
         _gn_fwd_fused_kernel[(plan.blocks(p),)](
-            x, y, w, b, mean, mean_lo, rstd, p.C, p.S, p.G, p.Cg, eps, **blocks, **flags
+            x, y, w, b, scale, shift, mean, mean_lo, rstd, p.C, p.S, p.G, p.Cg, eps, **blocks, **flags
         )
         return
     span, split = plan.span(p.S)
@@ -181,79 +232,85 @@ def _launch_fwd(x, y, weight, bias, mean, mean_lo, rstd, eps, p: Problem, plan: 
             x, partials, offset, p.C, p.S, p.G, p.Cg, span, split, **blocks, **_base_flags(flags)
         )
         _gn_fwd_split_apply_kernel[(count, split)](
-            x, y, w, b, partials, mean, mean_lo, rstd, offset, p.C, p.S, p.G, p.Cg, span, split, eps,
-            BLOCK_SPLIT=triton.next_power_of_2(split), **blocks, **flags,
+            x, y, w, b, scale, shift, partials, mean, mean_lo, rstd, offset, p.C, p.S, p.G, p.Cg, span, split,
+            eps, BLOCK_SPLIT=_merge_step(split), **blocks, **flags,
         )  # fmt: skip
 
 
 def gn_bwd(
     grad_out: torch.Tensor,
     x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
+    num_groups: int,
+    affine: Affine,
     mean: torch.Tensor,
     mean_lo: torch.Tensor,
     rstd: torch.Tensor,
-    num_groups: int,
     output_mask: Sequence[bool],
-    activation: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GroupNorm (+ fused activation) backward: (dx, dweight, dbias). A gradient not asked for in
-    `output_mask`, or of a parameter that is None, comes back as an empty tensor and costs nothing."""
-    needs_dx, needs_dw, needs_db = output_mask
-    needs_dw = needs_dw and weight is not None
-    needs_db = needs_db and bias is not None
+) -> tuple[torch.Tensor, ...]:
+    """Backward of gn_fwd: (dx, dweight, dbias, dscale, dshift). A gradient not asked for in
+    `output_mask`, or of a tensor that is None, comes back as an empty tensor and costs nothing."""
+    tensors = (x, affine.weight, affine.bias, affine.scale, affine.shift)
+    needs = [bool(m) and t is not None for m, t in zip(output_mask, tensors)]
     fmt = memory_format(x)
-    dx = torch.empty_like(x, memory_format=fmt) if needs_dx else x.new_empty(0)
-    dw = torch.empty_like(weight) if needs_dw else x.new_empty(0)
-    db = torch.empty_like(bias) if needs_db else x.new_empty(0)
-    if not (needs_dx or needs_dw or needs_db):
-        return dx, dw, db
+    grads = [
+        (torch.empty_like(t, memory_format=fmt) if t is x else torch.empty_like(t)) if need else x.new_empty(0)
+        for need, t in zip(needs, tensors)
+    ]
+    if not any(needs):
+        return tuple(grads)
     if x.numel() == 0:
-        dw.zero_()
-        db.zero_()
-        return dx, dw, db
+        for g in grads[1:]:
+            g.zero_()
+        return tuple(grads)
     x = _dense(x, fmt)
     grad_out = _dense(grad_out, fmt)
-    problem = _problem(x, num_groups, weight is not None, bias is not None, check_activation(activation))
+    affine = _modulation(affine)
+    problem = _problem(x, num_groups, affine)
 
     def launch(plan: Plan) -> None:
-        _launch_bwd(grad_out, x, weight, bias, mean, mean_lo, rstd, dx, dw, db, needs_dx, problem, plan)
+        _launch_bwd(grad_out, x, affine, mean, mean_lo, rstd, grads, problem, plan)
 
-    launch(_tuning.choose_plan("bwd", problem, x.device, launch, needs=(needs_dx, needs_dw, needs_db)))
-    return dx, dw, db
+    launch(_tuning.choose_plan("bwd", problem, x.device, launch, needs=tuple(needs)))
+    return tuple(grads)
 
 
-def _launch_bwd(dy, x, weight, bias, mean, mean_lo, rstd, dx, dw, db, needs_dx, p: Problem, plan: Plan) -> None:
+def _launch_bwd(dy, x, affine: Affine, mean, mean_lo, rstd, grads, p: Problem, plan: Plan) -> None:
+    dx, dw, db, dscale, dshift = (g if g.numel() else x for g in grads)  # placeholders where not needed
+    needs_dx, needs_dw, needs_db, needs_dscale, needs_dshift = (g.numel() > 0 for g in grads)
     flags = _kernel_flags(x, p)
-    w = weight if weight is not None else x  # placeholder pointers, never read
-    b = bias if bias is not None else x
+    w, b, scale, shift = affine.pointers(x)
     blocks = dict(R=plan.groups_per_program, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
-    needs_params = dw.numel() > 0 or db.numel() > 0
+    needs_partials = needs_dw or needs_db or needs_dscale or needs_dshift
     if plan.split == 1:
         split = 1
-        partials = torch.empty((p.N, p.C, 1, 2), dtype=mean.dtype, device=x.device) if needs_params else x
+        partials = torch.empty((p.N, p.C, 1, 2), dtype=mean.dtype, device=x.device) if needs_partials else x
         _gn_bwd_fused_kernel[(plan.blocks(p),)](
-            x, dy, dx, w, b, mean, mean_lo, rstd, partials, p.C, p.S, p.G, p.Cg,
-            NEEDS_DX=needs_dx, NEEDS_PARTIALS=needs_params, **blocks, **flags,
+            x, dy, dx, w, b, scale, shift, mean, mean_lo, rstd, partials, p.C, p.S, p.G, p.Cg,
+            NEEDS_DX=needs_dx, NEEDS_PARTIALS=needs_partials, **blocks, **flags,
         )  # fmt: skip
     else:
         span, split = plan.span(p.S)
         partials = torch.empty((p.N, p.C, split, 2), dtype=mean.dtype, device=x.device)
         for offset, count in plan.waves(p):
             _gn_bwd_partial_sums_kernel[(count, split)](
-                x, dy, w, b, mean, mean_lo, rstd, partials, offset, p.C, p.S, p.G, p.Cg, span, split,
-                **blocks, **flags,
+                x, dy, w, b, scale, shift, mean, mean_lo, rstd, partials, offset, p.C, p.S, p.G, p.Cg, span,
+                split, **blocks, **flags,
             )  # fmt: skip
             if needs_dx:
                 _gn_bwd_split_dx_kernel[(count, split)](
-                    x, dy, dx, w, b, mean, mean_lo, rstd, partials, offset, p.C, p.S, p.G, p.Cg, span,
-                    split, BLOCK_SPLIT=triton.next_power_of_2(split), **blocks, **flags,
+                    x, dy, dx, w, b, scale, shift, mean, mean_lo, rstd, partials, offset, p.C, p.S, p.G, p.Cg,
+                    span, split, BLOCK_SPLIT=_merge_step(split), **blocks, **flags,
                 )  # fmt: skip
-    if needs_params:
-        block_c = min(triton.next_power_of_2(p.C), 128)
+    block_c = min(triton.next_power_of_2(p.C), 128)
+    if needs_dw or needs_db:
         _gn_bwd_dparams_kernel[(triton.cdiv(p.C, block_c),)](
-            partials, mean_lo, rstd, dw if dw.numel() else x, db if db.numel() else x,
-            p.N, p.C, p.G, p.Cg, split, BLOCK_N=min(triton.next_power_of_2(p.N), 16), BLOCK_C=block_c,
-            NEEDS_DW=dw.numel() > 0, NEEDS_DB=db.numel() > 0, ACC=flags["ACC"],
+            partials, mean_lo, rstd, scale, dw, db, p.N, p.C, p.G, p.Cg, split,
+            BLOCK_N=min(triton.next_power_of_2(p.N), 16), BLOCK_C=block_c, HAS_SCALE=p.has_scale,
+            NEEDS_DW=needs_dw, NEEDS_DB=needs_db, ACC=flags["ACC"],
+        )  # fmt: skip
+    if needs_dscale or needs_dshift:
+        _gn_bwd_dscale_shift_kernel[(p.N, triton.cdiv(p.C, block_c))](
+            partials, w, b, mean_lo, rstd, dscale, dshift, p.C, p.G, p.Cg, split, BLOCK_C=block_c,
+            HAS_WEIGHT=p.has_weight, HAS_BIAS=p.has_bias, NEEDS_DSCALE=needs_dscale, NEEDS_DSHIFT=needs_dshift,
+            ACC=flags["ACC"],
         )  # fmt: skip

@@ -1,4 +1,5 @@
-"""The kernels as torch.library custom ops, so torch.compile traces them without graph breaks.
+"""The kernels as torch.library custom ops, so torch.compile and torch.export trace them without
+graph breaks.
 
 Each op has a fake (meta) implementation that allocates on the input's device with the real op's
 shapes, dtypes and memory format.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _launch
+from ._launch import Affine
 
 
 @torch.library.custom_op("gn_triton::group_norm_fwd", mutates_args=())
@@ -19,14 +21,17 @@ def group_norm_fwd(
     num_groups: int,
     eps: float,
     activation: str | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, mean_lo, rstd): y = activation(GroupNorm(input)) in input's dtype and memory format;
-    (N, G) statistics in fp32 (fp64 for fp64 input), the mean as the pair mean + mean_lo."""
-    return _launch.gn_fwd(input, weight, bias, num_groups, eps, activation)
+    """(y, mean, mean_lo, rstd): y = activation((GroupNorm(input)*(1 + scale) + shift) in input's dtype
+    and memory format; (N, G) statistics in fp32 (fp64 for fp64 input), the mean as the pair
+    mean + mean_lo."""
+    return _launch.gn_fwd(input, num_groups, eps, Affine(weight, bias, scale, shift, activation))
 
 
 @group_norm_fwd.register_fake
-def _(input, weight, bias, num_groups, eps, activation=None):
+def _(input, weight, bias, num_groups, eps, activation=None, scale=None, shift=None):
     y = torch.empty_like(input, memory_format=_launch.memory_format(input))
     stats = [input.new_empty((input.shape[0], num_groups), dtype=_launch.stats_dtype(input)) for _ in range(3)]
     return (y, *stats)
@@ -44,16 +49,24 @@ def group_norm_bwd(
     num_groups: int,
     output_mask: list[bool],
     activation: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias); a gradient not in `output_mask` (or of a None parameter) is empty.
-    With a fused activation its pre-activation is recomputed from input and the statistics."""
-    return _launch.gn_bwd(grad_out, input, weight, bias, mean, mean_lo, rstd, num_groups, output_mask, activation)
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, dscale, dshift); a gradient not in `output_mask` (or of a None tensor) is
+    empty. With a fused activation its pre-activation is recomputed from input and the statistics."""
+    affine = Affine(weight, bias, scale, shift, activation)
+    return _launch.gn_bwd(grad_out, input, num_groups, affine, mean, mean_lo, rstd, output_mask)
 
 
 @group_norm_bwd.register_fake
-def _(grad_out, input, weight, bias, mean, mean_lo, rstd, num_groups, output_mask, activation=None):
-    needs_dx, needs_dw, needs_db = output_mask
-    dx = torch.empty_like(input, memory_format=_launch.memory_format(input)) if needs_dx else input.new_empty(0)
-    dw = torch.empty_like(weight) if needs_dw and weight is not None else input.new_empty(0)
-    db = torch.empty_like(bias) if needs_db and bias is not None else input.new_empty(0)
-    return dx, dw, db
+def _(grad_out, input, weight, bias, mean, mean_lo, rstd, num_groups, output_mask, activation=None, scale=None,
+      shift=None):  # fmt: skip
+    out = []
+    for need, t in zip(output_mask, (input, weight, bias, scale, shift)):
+        if not need or t is None:
+            out.append(input.new_empty(0))
+        elif t is input:
+            out.append(torch.empty_like(input, memory_format=_launch.memory_format(input)))
+        else:
+            out.append(torch.empty_like(t))
+    return tuple(out)

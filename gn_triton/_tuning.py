@@ -41,6 +41,8 @@ class Problem:
     channels_last: bool
     has_weight: bool
     has_bias: bool
+    has_scale: bool = False  # per-sample (N, C) scale and shift after the affine
+    has_shift: bool = False
     activation: int = 0  # fused activation (kernels' ACTIVATION constexpr)
 
     @property
@@ -216,6 +218,8 @@ def _bucket_key(direction: str, p: Problem, device: torch.device, needs: tuple) 
         p.channels_last,
         p.has_weight,
         p.has_bias,
+        p.has_scale,
+        p.has_shift,
         p.activation,
         needs,
     )

@@ -17,6 +17,8 @@ def group_norm(
     eps: float = 1e-5,
     *,
     activation: str | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Group Normalization over (N, C, *) input, with torch.nn.functional.group_norm's signature
     and semantics: each of the num_groups groups of C/num_groups channels of a sample is normalised
@@ -26,9 +28,11 @@ def group_norm(
     interpreter when TRITON_INTERPRET=1 was set before import; otherwise they fall back to torch's
     own group_norm, so a model using gn_triton still runs on a CPU.
 
-    activation (keyword only, not in torch's signature): None, "silu", "gelu" or "gelu_tanh" applies
-    that activation to the output in the same pass (GN+SiLU costs what GN costs); its backward
-    recomputes the pre-activation instead of storing it.
+    Keyword-only extensions (not in torch's signature), fused into the same pass:
+      scale, shift: per-sample (N, C) modulation, the diffusion "scale-shift norm":
+          y = GroupNorm(x)*(1 + scale) + shift, with gradients for both;
+      activation: None, "silu", "gelu" or "gelu_tanh", applied last (GN+SiLU costs what GN costs);
+          its backward recomputes the pre-activation instead of storing it.
 
     The output has input's dtype and memory format (contiguous or channels_last). weight and bias
     may be of another floating dtype than input (e.g. fp32 parameters with bf16 input); statistics
@@ -36,13 +40,19 @@ def group_norm(
     """
     _launch.check_group_norm_args(input, num_groups, weight, bias)
     _launch.check_activation(activation)
+    _launch.check_modulation(input, scale, shift)
     if input.dtype not in _launch.SUPPORTED_DTYPES or not _launch.runs_on_kernels(input):
-        return _torch_activation(F.group_norm(input, num_groups, weight, bias, eps), activation)
-    return GroupNormFunction.apply(input, weight, bias, num_groups, float(eps), activation)
+        return _torch_epilogue(F.group_norm(input, num_groups, weight, bias, eps), activation, scale, shift)
+    return GroupNormFunction.apply(input, weight, bias, num_groups, float(eps), activation, scale, shift)
 
 
-def _torch_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """torch's own activation: the fallback path's epilogue."""
+def _torch_epilogue(y: torch.Tensor, activation: str | None, scale, shift) -> torch.Tensor:
+    """The fallback path's modulation and activation, in torch ops."""
+    per_channel = (*y.shape[:2], *([1] * (y.dim() - 2)))
+    if scale is not None:
+        y = y * (1 + scale.reshape(per_channel))
+    if shift is not None:
+        y = y + shift.reshape(per_channel)
     if activation is None:
         return y
     if activation == "silu":

@@ -34,8 +34,15 @@ class GroupNorm(torch.nn.GroupNorm):
         _launch.check_activation(activation)
         self.activation = activation
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation)
+    def forward(
+        self, input: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """GroupNorm of input; optional per-sample (N, C) scale and shift: y*(1 + scale) + shift,
+        before the activation."""
+        return group_norm(
+            input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation, scale=scale,
+            shift=shift,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()

@@ -16,9 +16,12 @@ def group_norm_reference(
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     activation: str | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GroupNorm of `input` (then `activation`: None, "silu", "gelu", "gelu_tanh") computed in float64;
-    returns float64 (differentiable)."""
+    """GroupNorm of `input`, then the per-sample (N, C) `scale`/`shift` (y*(1 + scale) + shift) and
+    `activation` (None, "silu", "gelu", "gelu_tanh"), computed in float64; returns float64
+    (differentiable)."""
     x = input.double()
     N, C = x.shape[:2]
     rows = x.reshape(N, num_groups, -1)
@@ -32,6 +35,11 @@ def group_norm_reference(
         y = y * weight.double().reshape(channel_shape)
     if bias is not None:
         y = y + bias.double().reshape(channel_shape)
+    sample_shape = (N, C) + (1,) * (x.dim() - 2)
+    if scale is not None:
+        y = y * (1 + scale.double().reshape(sample_shape))
+    if shift is not None:
+        y = y + shift.double().reshape(sample_shape)
     if activation == "silu":
         y = y / (1 + torch.exp(-y))
     elif activation == "gelu":

@@ -2,6 +2,7 @@
 
 from .gn_bwd import (
     _gn_bwd_dparams_kernel,
+    _gn_bwd_dscale_shift_kernel,
     _gn_bwd_fused_kernel,
     _gn_bwd_partial_sums_kernel,
     _gn_bwd_split_dx_kernel,
@@ -10,6 +11,7 @@ from .gn_fwd import _gn_fwd_fused_kernel, _gn_fwd_partial_stats_kernel, _gn_fwd_
 
 __all__ = [
     "_gn_bwd_dparams_kernel",
+    "_gn_bwd_dscale_shift_kernel",
     "_gn_bwd_fused_kernel",
     "_gn_bwd_partial_sums_kernel",
     "_gn_bwd_split_dx_kernel",

@@ -166,32 +166,54 @@ def activation_grad(z, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def channel_affine(
-    member, c, c_mask, W, B, mean_lo, rstd,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    member, c, c_mask, W, B, Scale_n, Shift_n, mean_lo, rstd,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ACC: tl.constexpr,
 ):  # fmt: skip
-    """Per-channel (a, b) of the folded affine z = (x - mean_hi)*a + b: a = rstd*w, b = bias - mean_lo*a."""
+    """Per-channel (a, b) of the folded affine z = (x - mean_hi)*a + b of one sample:
+    a = rstd*w*(1 + scale), b = (bias - mean_lo*rstd*w)*(1 + scale) + shift, i.e.
+    z = (x_hat*w + bias)*(1 + scale) + shift with the sample's scale/shift (N, C) rows."""
     a = to_channels(member, rstd)
     if HAS_WEIGHT:
         a *= tl.load(W + c, mask=c_mask, other=0.0).to(ACC)
     b = -to_channels(member, mean_lo) * a
     if HAS_BIAS:
         b += tl.load(B + c, mask=c_mask, other=0.0).to(ACC)
+    if HAS_SCALE:
+        gain = 1.0 + tl.load(Scale_n + c, mask=c_mask, other=0.0).to(ACC)
+        a *= gain
+        b *= gain
+    if HAS_SHIFT:
+        b += tl.load(Shift_n + c, mask=c_mask, other=0.0).to(ACC)
     return a, b
 
 
 @triton.jit
+def effective_weight(c, c_mask, W, Scale_n, HAS_WEIGHT: tl.constexpr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr):
+    """w*(1 + scale) per channel of one sample: the weight the normalised value is multiplied by."""
+    w = tl.zeros(c.shape, ACC) + 1.0
+    if HAS_WEIGHT:
+        w = tl.load(W + c, mask=c_mask, other=0.0).to(ACC)
+    if HAS_SCALE:
+        w *= 1.0 + tl.load(Scale_n + c, mask=c_mask, other=0.0).to(ACC)
+    return w
+
+
+@triton.jit
 def normalize_span(
-    x_sample, y_sample, W, B, mean_hi, mean_lo, rstd, c_begin, c_end, s_begin, s_end, C, S, Cg,
-    R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
-    ACC: tl.constexpr,
+    x_sample, y_sample, W, B, Scale_n, Shift_n, mean_hi, mean_lo, rstd, c_begin, c_end, s_begin, s_end,
+    C, S, Cg, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """y = act((x - mean_hi)*a + b), per-channel a, b (one subtract and one FMA per element)."""
     for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         member = group_membership(c, c_begin, c_end, Cg, R)
         c_mask = c < c_end
-        a, b = channel_affine(member, c, c_mask, W, B, mean_lo, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
+        a, b = channel_affine(
+            member, c, c_mask, W, B, Scale_n, Shift_n, mean_lo, rstd, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, ACC
+        )
         hi = to_channels(member, mean_hi)
         for s0 in range(s_begin, s_end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
@@ -232,8 +254,9 @@ def channel_grad_sums(
 def dx_coefficients(sum_g_dy, sum_g_dy_xc, mean_lo, rstd, group_size):
     """Per-group coefficients of dx = rstd*w[c]*g + coef_x*(x - mean_hi) + coef_1.
 
-    With x_hat = rstd*(x - mean_hi - mean_lo), g the gradient at the normalisation's output, gw = g*w
-    and <.> the mean over the group's group_size elements, the GroupNorm input gradient is
+    With x_hat = rstd*(x - mean_hi - mean_lo), g the gradient at the affine's output z, w the
+    effective weight (w[c]*(1 + scale[n, c]) with a per-sample scale), gw = g*w and <.> the mean over
+    the group's group_size elements, the GroupNorm input gradient is
         dx = rstd*(gw - <gw> - x_hat*<gw*x_hat>).
     sum_g_dy = sum(w*g) and sum_g_dy_xc = sum(w*g*(x - mean_hi)) over the group, so
     <gw> = sum_g_dy/M and <gw*x_hat> = rstd*(sum_g_dy_xc - mean_lo*sum_g_dy)/M.
@@ -247,17 +270,20 @@ def dx_coefficients(sum_g_dy, sum_g_dy_xc, mean_lo, rstd, group_size):
 
 @triton.jit
 def dx_span(
-    x_sample, dy_sample, dx_sample, W, B, mean_hi, mean_lo, rstd, coef_x, coef_1, c_begin, c_end,
-    s_begin, s_end, C, S, Cg, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    x_sample, dy_sample, dx_sample, W, B, Scale_n, Shift_n, mean_hi, mean_lo, rstd, coef_x, coef_1,
+    c_begin, c_end, s_begin, s_end, C, S, Cg, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """Write dx = rstd*w*g + coef_x*(x - mean_hi) + coef_1 over a span (g: dy, or dy*act'(z))."""
+    """Write dx = rstd*w*(1 + scale)*g + coef_x*(x - mean_hi) + coef_1 over a span (g: dy, or
+    dy*act'(z)); a = rstd*w*(1 + scale) is the folded affine's slope."""
     for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         member = group_membership(c, c_begin, c_end, Cg, R)
         c_mask = c < c_end
-        a, b = channel_affine(member, c, c_mask, W, B, mean_lo, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
+        a, b = channel_affine(
+            member, c, c_mask, W, B, Scale_n, Shift_n, mean_lo, rstd, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, ACC
+        )
         hi = to_channels(member, mean_hi)
         kx = to_channels(member, coef_x)
         k1 = to_channels(member, coef_1)

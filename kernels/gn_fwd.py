@@ -10,7 +10,8 @@ Two paths, chosen on the host (gn_triton/_launch.py, _tuning.py):
          merges a group's partials (every program of the block merges them in the same order:
          deterministic, no atomics) and normalises its own span. For few blocks (batch 1) or blocks
          too large to hold.
-The forward may end in a fused activation (ACTIVATION), applied to the affine output in registers.
+The affine may be followed by a per-sample scale and shift ((N, C): z*(1 + scale) + shift, the
+diffusion "scale-shift norm") and a fused activation (ACTIVATION), all applied in registers.
 Split launches take blocks in waves ([block_offset, block_offset + grid blocks)) so that the host can
 keep a wave's bytes inside L2 between the two launches.
 """
@@ -27,13 +28,15 @@ def _gn_fwd_fused_kernel(
     Y,  # (N, C, S) output, X's dtype and layout
     W,  # (C,) weight (any float dtype); unused unless HAS_WEIGHT
     B,  # (C,) bias (any float dtype); unused unless HAS_BIAS
+    Scale,  # (N, C) per-sample scale: z *= 1 + scale; unused unless HAS_SCALE
+    Shift,  # (N, C) per-sample shift: z += shift; unused unless HAS_SHIFT
     Mean,  # (N, G) ACC: group mean rounded to ACC
     MeanLo,  # (N, G) ACC: mean - Mean (the rounding residual)
     Rstd,  # (N, G) ACC: 1/sqrt(var + eps)
     C, S, G, Cg, eps,
     R: tl.constexpr,  # groups per program
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACTIVATION: tl.constexpr,  # 0 none, 1 SiLU, 2 GELU, 3 GELU (tanh), applied after the affine
     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -51,8 +54,9 @@ def _gn_fwd_fused_kernel(
     tl.store(MeanLo + stat, mean_lo, mask=g_mask)
     tl.store(Rstd + stat, rstd, mask=g_mask)
     normalize_span(
-        x_sample, y_sample, W, B, mean_hi, mean_lo, rstd, c_begin, c_end, 0, S, C, S, Cg,
-        R, BLOCK_C, BLOCK_S, HAS_WEIGHT, HAS_BIAS, ACTIVATION, CHANNELS_LAST, INDEX_64, ACC,
+        x_sample, y_sample, W, B, Scale + n * C, Shift + n * C, mean_hi, mean_lo, rstd, c_begin, c_end, 0, S,
+        C, S, Cg, R, BLOCK_C, BLOCK_S, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, ACTIVATION, CHANNELS_LAST,
+        INDEX_64, ACC,
     )  # fmt: skip
 
 
@@ -88,32 +92,42 @@ def _gn_fwd_split_apply_kernel(
     Y,  # (N, C, S) output, X's dtype and layout
     W,  # (C,) weight; unused unless HAS_WEIGHT
     B,  # (C,) bias; unused unless HAS_BIAS
+    Scale,  # (N, C) per-sample scale; unused unless HAS_SCALE
+    Shift,  # (N, C) per-sample shift; unused unless HAS_SHIFT
     Partials,  # (N*G, SPLIT, 3) ACC, from _gn_fwd_partial_stats_kernel
     Mean,  # (N, G) ACC
     MeanLo,  # (N, G) ACC
     Rstd,  # (N, G) ACC
     block_offset, C, S, G, Cg, span, SPLIT, eps,
-    BLOCK_SPLIT: tl.constexpr,  # next power of two >= SPLIT
+    BLOCK_SPLIT: tl.constexpr,  # spans merged per step
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     n, c_begin, c_end, g, g_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
     x_sample = X + n.to(tl.int64) * C * S
     y_sample = Y + n.to(tl.int64) * C * S
 
-    # Merge each group's partials: mean = sum(n_k m_k)/sum(n_k), M2 = sum(M2_k) + sum(n_k (m_k - mean)^2).
-    k = tl.arange(0, BLOCK_SPLIT)[None, :]
-    k_mask = g_mask[:, None] & (k < SPLIT)
-    part = Partials + ((n.to(tl.int64) * G + g)[:, None] * SPLIT + k) * 3
-    part_count = tl.load(part, mask=k_mask, other=0.0)
-    part_mean = tl.load(part + 1, mask=k_mask, other=0.0)
-    part_m2 = tl.load(part + 2, mask=k_mask, other=0.0)
-    count = tl.sum(part_count, axis=1)
-    mean = tl.sum(part_count * part_mean, axis=1) / tl.maximum(count, 1.0)  # count 0: padding groups
-    dev = part_mean - mean[:, None]
-    m2 = tl.sum(part_m2, axis=1) + tl.sum(part_count * dev * dev, axis=1)
+    # Merge each group's partials in a fixed order, BLOCK_SPLIT spans at a time (two passes over the
+    # small workspace): mean = sum(n_k m_k)/sum(n_k), then M2 = sum(M2_k) + sum(n_k (m_k - mean)^2).
+    part = Partials + (n.to(tl.int64) * G + g)[:, None] * SPLIT * 3
+    count = tl.zeros([R], ACC)
+    total = tl.zeros([R], ACC)
+    for k0 in range(0, SPLIT, BLOCK_SPLIT):
+        k = k0 + tl.arange(0, BLOCK_SPLIT)[None, :]
+        k_mask = g_mask[:, None] & (k < SPLIT)
+        part_count = tl.load(part + k * 3, mask=k_mask, other=0.0)
+        count += tl.sum(part_count, axis=1)
+        total += tl.sum(part_count * tl.load(part + k * 3 + 1, mask=k_mask, other=0.0), axis=1)
+    mean = total / tl.maximum(count, 1.0)  # count 0: padding groups
+    m2 = tl.zeros([R], ACC)
+    for k0 in range(0, SPLIT, BLOCK_SPLIT):
+        k = k0 + tl.arange(0, BLOCK_SPLIT)[None, :]
+        k_mask = g_mask[:, None] & (k < SPLIT)
+        part_count = tl.load(part + k * 3, mask=k_mask, other=0.0)
+        dev = tl.load(part + k * 3 + 1, mask=k_mask, other=0.0) - mean[:, None]
+        m2 += tl.sum(tl.load(part + k * 3 + 2, mask=k_mask, other=0.0) + part_count * dev * dev, axis=1)
 
     shift = load_shift(x_sample, c_begin, c_end, Cg, C, S, R, CHANNELS_LAST, ACC)
     mean_hi, mean_lo, rstd = finalize_stats(count, mean, m2, shift, eps, ACC)
@@ -125,6 +139,7 @@ def _gn_fwd_split_apply_kernel(
     s_begin = j * span
     s_end = tl.minimum(s_begin + span, S)
     normalize_span(
-        x_sample, y_sample, W, B, mean_hi, mean_lo, rstd, c_begin, c_end, s_begin, s_end, C, S, Cg,
-        R, BLOCK_C, BLOCK_S, HAS_WEIGHT, HAS_BIAS, ACTIVATION, CHANNELS_LAST, INDEX_64, ACC,
+        x_sample, y_sample, W, B, Scale + n * C, Shift + n * C, mean_hi, mean_lo, rstd, c_begin, c_end,
+        s_begin, s_end, C, S, Cg, R, BLOCK_C, BLOCK_S, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, ACTIVATION,
+        CHANNELS_LAST, INDEX_64, ACC,
     )  # fmt: skip

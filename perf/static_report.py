@@ -28,7 +28,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from gn_triton import _tuning, kernels
+from gn_triton import _launch, _tuning, kernels
 from gn_triton._tuning import Plan, Problem
 
 ARCHS = (80, 90)
@@ -58,10 +58,12 @@ class Spec:
     aligned: bool  # C and S multiples of 16: the runtime then specialises them as divisible by 16
 
 
-def _specs_for_plan(dtype: str, channels_last: bool, plan: Plan, aligned: bool, activation: int = 0) -> list[Spec]:
+def _specs_for_plan(
+    dtype: str, channels_last: bool, plan: Plan, aligned: bool, activation: int = 0, modulated: bool = False
+) -> list[Spec]:
     base = dict(CHANNELS_LAST=channels_last, INDEX_64=False, R=plan.groups_per_program, BLOCK_C=plan.block_c,
                 BLOCK_S=plan.block_s)  # fmt: skip
-    affine = dict(HAS_WEIGHT=True, HAS_BIAS=True, ACTIVATION=activation)
+    affine = dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_SCALE=modulated, HAS_SHIFT=modulated, ACTIVATION=activation)
     specs = []
 
     def add(name: str, **constexprs):
@@ -72,7 +74,7 @@ def _specs_for_plan(dtype: str, channels_last: bool, plan: Plan, aligned: bool, 
         add("_gn_fwd_fused_kernel", **affine)
         add("_gn_bwd_fused_kernel", NEEDS_DX=True, NEEDS_PARTIALS=True, **affine)
     else:
-        block_split = triton.next_power_of_2(plan.split)
+        block_split = _launch._merge_step(plan.split)
         add("_gn_fwd_partial_stats_kernel")
         add("_gn_fwd_split_apply_kernel", BLOCK_SPLIT=block_split, **affine)
         add("_gn_bwd_partial_sums_kernel", **affine)
@@ -112,10 +114,12 @@ def all_specs(quick: bool) -> list[Spec]:
                 index_64 = tuple(sorted({**dict(spec.constexprs), "INDEX_64": True}.items()))
                 specs[dataclasses.replace(spec, constexprs=index_64)] = None
                 specs[dataclasses.replace(spec, dtype="fp64")] = None
-            for activation in (1, 2, 3):  # the fused SiLU / GELU / GELU-tanh epilogues
-                specs.update(dict.fromkeys(_specs_for_plan("bf16", False, plan, True, activation)))
-        dparams = dict(BLOCK_N=16, BLOCK_C=128, NEEDS_DW=True, NEEDS_DB=True)
+            for activation in (1, 2, 3):  # the fused SiLU / GELU / GELU-tanh epilogues, with scale-shift
+                specs.update(dict.fromkeys(_specs_for_plan("bf16", False, plan, True, activation, activation == 1)))
+        dparams = dict(BLOCK_N=16, BLOCK_C=128, HAS_SCALE=True, NEEDS_DW=True, NEEDS_DB=True)
         specs[Spec("_gn_bwd_dparams_kernel", "fp32", False, tuple(sorted(dparams.items())), 4, True)] = None
+        dmod = dict(BLOCK_C=128, HAS_WEIGHT=True, HAS_BIAS=True, NEEDS_DSCALE=True, NEEDS_DSHIFT=True)
+        specs[Spec("_gn_bwd_dscale_shift_kernel", "fp32", False, tuple(sorted(dmod.items())), 4, True)] = None
         return list(specs)
     finally:
         _tuning.device_info = real_info
@@ -133,8 +137,9 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
         if name in constexprs:
             signature[name] = "constexpr"
             continue
-        if name in ("X", "Y", "DY", "DX", "W", "B", "DW", "DB"):
-            signature[name] = data if spec.kernel != "_gn_bwd_dparams_kernel" else "*fp32"
+        if name in ("X", "Y", "DY", "DX", "W", "B", "DW", "DB", "Scale", "Shift", "DScale", "DShift"):
+            small = spec.kernel in ("_gn_bwd_dparams_kernel", "_gn_bwd_dscale_shift_kernel")
+            signature[name] = "*fp32" if small else data
         elif name in ("Mean", "MeanLo", "Rstd", "Partials"):
             signature[name] = stats  # statistics and workspaces
         elif name == "eps":

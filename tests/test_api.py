@@ -13,12 +13,16 @@ from gn_triton import _launch, _ops, _tuning
 
 
 def test_signatures_match_torch():
-    """torch's parameters, in torch's order, with torch's defaults; ours adds keyword-only `activation`."""
+    """torch's parameters, in torch's order, with torch's defaults; ours adds keyword-only extensions
+    (activation; scale and shift on the function), all defaulting to None."""
+    extensions = {"activation", "scale", "shift"}
 
     def without_activation(fn):
         params = inspect.signature(fn).parameters
-        assert params["activation"].kind is inspect.Parameter.KEYWORD_ONLY and params["activation"].default is None
-        return [(p.name, p.kind, p.default) for p in params.values() if p.name != "activation"]
+        for name in extensions & params.keys():
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY and params[name].default is None
+        assert "activation" in params
+        return [(p.name, p.kind, p.default) for p in params.values() if p.name not in extensions]
 
     def of(fn):
         return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
@@ -186,8 +190,11 @@ def test_bwd_op_returns_empty_for_skipped_grads(device):
     x = make_input((2, 4, 3), torch.float32, device)
     w, b = make_params(4, torch.float32, device)
     y, mean, mean_lo, rstd = _ops.group_norm_fwd(x, w, b, 2, 1e-5)
-    dx, dw, db = _ops.group_norm_bwd(torch.randn_like(y), x, w, b, mean, mean_lo, rstd, 2, [False, True, False])
+    dx, dw, db, dscale, dshift = _ops.group_norm_bwd(
+        torch.randn_like(y), x, w, b, mean, mean_lo, rstd, 2, [False, True, False, True, True]
+    )
     assert dx.numel() == 0 and db.numel() == 0 and dw.shape == w.shape
+    assert dscale.numel() == 0 and dshift.numel() == 0  # asked for, but there is no scale or shift
 
 
 def test_saved_statistics(device):
@@ -209,8 +216,10 @@ def test_opcheck(device):
     torch.library.opcheck(_ops.group_norm_fwd, (x.to(memory_format=torch.channels_last), None, b, 2, 1e-5))
     y, mean, mean_lo, rstd = _ops.group_norm_fwd(x, w, b, 2, 1e-5)
     dy = torch.randn_like(y)
-    torch.library.opcheck(_ops.group_norm_bwd, (dy, x, w, b, mean, mean_lo, rstd, 2, [True, True, True]))
-    torch.library.opcheck(_ops.group_norm_bwd, (dy, x, None, b, mean, mean_lo, rstd, 2, [True, False, True]))
+    torch.library.opcheck(_ops.group_norm_bwd, (dy, x, w, b, mean, mean_lo, rstd, 2, [True, True, True, False, False]))
+    torch.library.opcheck(
+        _ops.group_norm_bwd, (dy, x, None, b, mean, mean_lo, rstd, 2, [True, False, True, False, False])
+    )
 
 
 def test_torch_compile_fullgraph(device):
