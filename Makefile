@@ -16,7 +16,7 @@ $(VENV)/.torch:
 	touch $@
 
 $(VENV)/.test: $(VENV)/.torch pyproject.toml
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[test,models]"
 	touch $@
 
 $(VENV)/.perf: $(VENV)/.torch pyproject.toml

@@ -5,8 +5,8 @@
 #
 #   bash perf/gpu_run.sh [OUT_DIR] [extra perf.sweep args, e.g. --full]
 #
-# Peers missing on the machine (Liger-Kernel, apex) can travel as wheels in .whl/ (see the device
-# tool's README); they are installed to /tmp/site when present.
+# Peers and extras missing on the machine (Liger-Kernel, apex, diffusers) can travel as wheels in
+# .whl/ (see the device tool's README); they are installed to /tmp/site when present.
 set -uo pipefail
 OUT=${1:-perf/out/gpu_run}
 shift || true
@@ -26,5 +26,7 @@ timeout 240 $PY -m pytest --device=cuda -q -x -p no:cacheprovider 2>&1 | tee "$O
 echo "== compute-sanitizer memcheck"
 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 $PY perf/sanitize_case.py 2>&1 | tee "$OUT/memcheck.log" | tail -5 || status=1
 echo "== perf sweep"
-timeout 330 $PY -m perf.sweep --out "$OUT" "$@" 2>&1 | tee "$OUT/sweep.log" | tail -40 || status=1
+timeout 300 $PY -m perf.sweep --out "$OUT" "$@" 2>&1 | tee "$OUT/sweep.log" | tail -40 || status=1
+echo "== a real model: diffusers UNet/VAE forward+backward, torch vs converted"
+timeout 90 $PY -m perf.model_bench --out "$OUT" 2>&1 | tee "$OUT/model_bench.log" | tail -8 || status=1
 exit $status
