@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test bench lint static-report clean
+.PHONY: test bench lint static-report notebooks clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(VENV)/.torch:
 	touch $@
 
 $(VENV)/.test: $(VENV)/.torch pyproject.toml
-	$(PY) -m pip install -e ".[test,models]"
+	$(PY) -m pip install -e ".[test,models,notebooks]"
 	touch $@
 
 $(VENV)/.perf: $(VENV)/.torch pyproject.toml
@@ -35,6 +35,10 @@ test: lint
 # go to perf/out/<device>/.
 bench: $(VENV)/.perf
 	$(PY) -m perf.sweep $(BENCH_ARGS)
+
+# The three notebooks in full mode: figures and CSVs under notebooks/results/ (about 20 minutes on a CPU).
+notebooks: $(VENV)/.test
+	$(PY) notebooks/run.py
 
 static-report: $(VENV)/.test
 	$(PY) -m perf.static_report
