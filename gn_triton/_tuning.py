@@ -59,7 +59,7 @@ class Problem:
 
     @property
     def elem_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
 
 @dataclass(frozen=True)

@@ -215,7 +215,7 @@ def memory_cap(shape: Shape, batches, dtype, device) -> tuple[list[int], str]:
     if device != "cuda":
         return list(batches), ""
     free = torch.cuda.mem_get_info()[0] * 0.6
-    per_sample = math.prod((shape.C, *shape.spatial)) * torch.empty((), dtype=dtype).element_size() * 6
+    per_sample = math.prod((shape.C, *shape.spatial)) * dtype.itemsize * 6
     kept = [n for n in batches if n * per_sample <= free]
     dropped = [n for n in batches if n not in kept]
     return kept, (f"batches {dropped} skipped: over 60% of free GPU memory" if dropped else "")
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
                 bar.update((len(sweep["batches"]) - len(batches)) * len(sweep["modes"]) * len(provs))
             for N in batches:
                 numel = math.prod(shape.full(N))
-                elem = torch.empty((), dtype=dtype).element_size()
+                elem = dtype.itemsize
                 copies = max(1, min(4, ROTATE_BELOW_BYTES // (numel * elem * 2))) if has_gpu else 1
                 inputs = make_inputs(shape, N, dtype, layout, device, copies)
                 for mode, prov in itertools.product(sweep["modes"], provs):
