@@ -14,11 +14,8 @@ import math
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt  # headless machines get a non-GUI backend by themselves
+import pandas as pd
 
 COLORS = {"gn_triton": "C3", "torch_eager": "C0", "torch_compile": "C2", "liger": "C1", "apex_nhwc": "C4"}
 
