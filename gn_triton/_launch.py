@@ -190,23 +190,41 @@ def _modulation(affine: Affine) -> Affine:
     return Affine(affine.weight, affine.bias, scale, shift, affine.activation)
 
 
+def empty_outputs(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, ...]:
+    """The forward's outputs, unfilled: y (x's dtype and memory format) and (N, G) mean, mean_lo and
+    rstd in the statistics dtype. The one allocation of the real op and its fake implementation."""
+    y = torch.empty_like(x, memory_format=memory_format(x))
+    stats = (torch.empty((x.shape[0], num_groups), dtype=stats_dtype(x), device=x.device) for _ in range(3))
+    return (y, *stats)
+
+
+def empty_grads(x: torch.Tensor, affine: Affine, output_mask: Sequence[bool]) -> tuple[torch.Tensor, ...]:
+    """The backward's outputs, unfilled: (dx, dweight, dbias, dscale, dshift) like their tensors (dx in
+    x's memory format); one not asked for in `output_mask`, or of a tensor that is None, is empty.
+    The one allocation of the real op and its fake implementation."""
+    fmt = memory_format(x)
+    return tuple(
+        (torch.empty_like(t, memory_format=fmt) if t is x else torch.empty_like(t))
+        if need and t is not None
+        else x.new_empty(0)
+        for need, t in zip(output_mask, (x, affine.weight, affine.bias, affine.scale, affine.shift))
+    )
+
+
 def gn_fwd(
     x: torch.Tensor, num_groups: int, eps: float, affine: Affine
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GroupNorm forward with what follows it (`affine`). Returns (y, mean, mean_lo, rstd); the stats
     are (N, G) in fp32 (fp64 for fp64 input), mean is the group mean rounded to that dtype and
     mean_lo the rounding residual."""
-    fmt = memory_format(x)
-    y = torch.empty_like(x, memory_format=fmt)
-    N = x.shape[0]
-    mean, mean_lo, rstd = (torch.empty((N, num_groups), dtype=stats_dtype(x), device=x.device) for _ in range(3))
+    y, mean, mean_lo, rstd = empty_outputs(x, num_groups)
     problem = _problem(x, num_groups, affine)
     if y.numel() == 0:
         # Like torch: an empty group has NaN statistics.
         for t in (mean, mean_lo, rstd):
             t.fill_(float("nan"))
         return y, mean, mean_lo, rstd
-    x = _dense(x, fmt)
+    x = _dense(x, memory_format(x))
     affine = _modulation(affine)
 
     def launch(plan: Plan) -> None:
@@ -249,19 +267,15 @@ def gn_bwd(
 ) -> tuple[torch.Tensor, ...]:
     """Backward of gn_fwd: (dx, dweight, dbias, dscale, dshift). A gradient not asked for in
     `output_mask`, or of a tensor that is None, comes back as an empty tensor and costs nothing."""
-    tensors = (x, affine.weight, affine.bias, affine.scale, affine.shift)
-    needs = [bool(m) and t is not None for m, t in zip(output_mask, tensors)]
-    fmt = memory_format(x)
-    grads = [
-        (torch.empty_like(t, memory_format=fmt) if t is x else torch.empty_like(t)) if need else x.new_empty(0)
-        for need, t in zip(needs, tensors)
-    ]
-    if not any(needs):
-        return tuple(grads)
+    grads = empty_grads(x, affine, output_mask)
     if x.numel() == 0:
         for g in grads[1:]:
             g.zero_()
-        return tuple(grads)
+        return grads
+    needs = tuple(g.numel() > 0 for g in grads)  # x is not empty, so neither is any tensor it has a gradient of
+    if not any(needs):
+        return grads
+    fmt = memory_format(x)
     x = _dense(x, fmt)
     grad_out = _dense(grad_out, fmt)
     affine = _modulation(affine)
@@ -270,8 +284,8 @@ def gn_bwd(
     def launch(plan: Plan) -> None:
         _launch_bwd(grad_out, x, affine, mean, mean_lo, rstd, grads, problem, plan)
 
-    launch(_tuning.choose_plan("bwd", problem, x.device, launch, needs=tuple(needs)))
-    return tuple(grads)
+    launch(_tuning.choose_plan("bwd", problem, x.device, launch, needs=needs))
+    return grads
 
 
 def _launch_bwd(dy, x, affine: Affine, mean, mean_lo, rstd, grads, p: Problem, plan: Plan) -> None:

@@ -32,9 +32,7 @@ def group_norm_fwd(
 
 @group_norm_fwd.register_fake
 def _(input, weight, bias, num_groups, eps, activation=None, scale=None, shift=None):
-    y = torch.empty_like(input, memory_format=_launch.memory_format(input))
-    stats = [input.new_empty((input.shape[0], num_groups), dtype=_launch.stats_dtype(input)) for _ in range(3)]
-    return (y, *stats)
+    return _launch.empty_outputs(input, num_groups)
 
 
 @torch.library.custom_op("gn_triton::group_norm_bwd", mutates_args=())
@@ -61,12 +59,4 @@ def group_norm_bwd(
 @group_norm_bwd.register_fake
 def _(grad_out, input, weight, bias, mean, mean_lo, rstd, num_groups, output_mask, activation=None, scale=None,
       shift=None):  # fmt: skip
-    out = []
-    for need, t in zip(output_mask, (input, weight, bias, scale, shift)):
-        if not need or t is None:
-            out.append(input.new_empty(0))
-        elif t is input:
-            out.append(torch.empty_like(input, memory_format=_launch.memory_format(input)))
-        else:
-            out.append(torch.empty_like(t))
-    return tuple(out)
+    return _launch.empty_grads(input, Affine(weight, bias, scale, shift), output_mask)
