@@ -57,6 +57,10 @@ class Problem:
     def row_elems(self) -> int:
         return self.Cg * self.S
 
+    def blocks(self, groups: int) -> int:
+        """Programs' blocks when each owns `groups` adjacent groups of one sample."""
+        return self.N * triton.cdiv(self.G, groups)
+
     @property
     def elem_size(self) -> int:
         return self.dtype.itemsize
@@ -76,7 +80,7 @@ class Plan:
     wave_blocks: int = 0
 
     def blocks(self, p: Problem) -> int:
-        return p.N * triton.cdiv(p.G, self.groups_per_program)
+        return p.blocks(self.groups_per_program)
 
     def span(self, S: int) -> tuple[int, int]:
         """(positions per span, number of spans): spans are whole tiles, none of them empty."""
@@ -137,10 +141,15 @@ def _tensors_read(direction: str) -> int:
     return 1 if direction == "fwd" else 2  # forward reads x; backward reads x and dy
 
 
+def _block_bytes(direction: str, p: Problem, groups: int) -> int:
+    """Bytes a block's programs read per pass."""
+    return groups * p.row_elems * p.elem_size * _tensors_read(direction)
+
+
 def _wave_blocks(direction: str, p: Problem, groups: int, l2_bytes: int) -> int:
     """Blocks per wave so that a wave's bytes fit in half the L2 (0: the whole tensor already does)."""
-    block_bytes = groups * p.row_elems * p.elem_size * _tensors_read(direction)
-    if p.N * triton.cdiv(p.G, groups) * block_bytes <= l2_bytes // 2:
+    block_bytes = _block_bytes(direction, p, groups)
+    if p.blocks(groups) * block_bytes <= l2_bytes // 2:
         return 0
     return max(1, (l2_bytes // 2) // block_bytes)
 
@@ -170,13 +179,12 @@ def heuristic_plan(direction: str, p: Problem, device: torch.device) -> Plan:
     elems = 4096 if p.elem_size <= 2 else 2048
     num_warps = 8 if elems >= 4096 else 4
     groups = _layout_groups(p)
-    blocks = p.N * triton.cdiv(p.G, groups)
-    block_bytes = groups * p.row_elems * p.elem_size * _tensors_read(direction)
-    if blocks >= 2 * sms and block_bytes <= 128 << 10:
+    blocks = p.blocks(groups)
+    if blocks >= 2 * sms and _block_bytes(direction, p, groups) <= 128 << 10:
         while (  # tiny groups: several per program, while programs still fill the GPU
             groups * 2 <= triton.next_power_of_2(p.G)
             and groups * 2 * p.row_elems <= elems
-            and p.N * triton.cdiv(p.G, groups * 2) >= 4 * sms
+            and p.blocks(groups * 2) >= 4 * sms
         ):
             groups *= 2
         return _make_plan(p, 1, groups, elems, num_warps, 0)
@@ -191,7 +199,7 @@ def candidate_plans(direction: str, p: Problem, device: torch.device) -> list[Pl
     sms, l2_bytes = device_info(device)
     plans = [heuristic_plan(direction, p, device)]
     for groups in dict.fromkeys((_layout_groups(p), 1, triton.next_power_of_2(p.G) if p.channels_last else 1)):
-        blocks = p.N * triton.cdiv(p.G, groups)
+        blocks = p.blocks(groups)
         wave = _wave_blocks(direction, p, groups, l2_bytes)
         for elems, num_warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8)):
             if blocks >= sms:

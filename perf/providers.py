@@ -79,13 +79,6 @@ def _apex() -> Provider:
     return Provider("apex_nhwc", apex)
 
 
-TORCH_ACTIVATION = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
-}
-
-
 def with_activation(provider: Provider, activation: str | None) -> Provider:
     """act(GroupNorm(x)): fused in gn_triton; GroupNorm then torch's activation for the others."""
     if activation is None or provider.fn is None:
@@ -98,7 +91,9 @@ def with_activation(provider: Provider, activation: str | None) -> Provider:
         )
     if provider.name == "apex_nhwc":
         return Provider(provider.name, None, "not timed with an activation here")
-    fn, act = provider.fn, TORCH_ACTIVATION[activation]
+    from gn_triton.functional import TORCH_ACTIVATIONS
+
+    fn, act = provider.fn, TORCH_ACTIVATIONS[activation]
     return Provider(provider.name, lambda x, g, w, b, eps: act(fn(x, g, w, b, eps)))
 
 
