@@ -6,7 +6,13 @@ it gives the reference gradients.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+# Tolerances of gn_triton's results against this reference, relative to max(1, max|reference|).
+# 16-bit dtypes are judged against torch's own error at that dtype (2x it), plus this floor.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def group_norm_reference(
@@ -49,3 +55,16 @@ def group_norm_reference(
     else:
         assert activation is None, activation
     return y
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|out - ref| / max(1, max|ref|), NaN-aware: a NaN where the reference has none is an
+    infinite error (a poisoned element a kernel never wrote)."""
+    out = out.double()
+    ref = ref.double()
+    if torch.isnan(out).ne(torch.isnan(ref)).any():
+        return math.inf
+    finite = ~torch.isnan(ref)
+    if not finite.any():
+        return 0.0
+    return ((out - ref)[finite].abs().max() / ref[finite].abs().max().clamp_min(1)).item()

@@ -4,6 +4,8 @@ Each plan is forced (fused, fused with several groups per program, split, split 
 sizes in both layouts, so that out-of-bounds loads or stores in any masked tile show up.
 """
 
+import argparse
+
 import torch
 
 import gn_triton
@@ -18,17 +20,21 @@ PLANS = [
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda", help="cuda (under compute-sanitizer) or cpu (interpreter)")
+    device = parser.parse_args().device
     torch.manual_seed(0)
     for plan in PLANS:
         for fmt in (torch.contiguous_format, torch.channels_last):
-            for dtype in (torch.float16, torch.float32):
-                x = torch.randn(3, 12, 9, 13, device="cuda", dtype=dtype).to(memory_format=fmt).requires_grad_()
-                w = torch.randn(12, device="cuda", requires_grad=True)
-                b = torch.randn(12, device="cuda", requires_grad=True)
+            for dtype in (torch.float16, torch.float32) if device == "cuda" else (torch.float32,):
+                x = torch.randn(3, 12, 9, 13, device=device, dtype=dtype).to(memory_format=fmt).requires_grad_()
+                w = torch.randn(12, device=device, requires_grad=True)
+                b = torch.randn(12, device=device, requires_grad=True)
                 with _tuning.override_plan(**plan):
                     gn_triton.group_norm(x, 4, w, b).backward(torch.randn_like(x))
-    torch.cuda.synchronize()
-    print(f"sanitize case: {len(PLANS) * 4} forward+backward calls done")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print(f"sanitize case: forward+backward of {len(PLANS)} plans x 2 layouts on {device} done")
 
 
 if __name__ == "__main__":

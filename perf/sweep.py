@@ -14,8 +14,9 @@ given as % of the device's copy bandwidth, measured in the same run.
 Without a GPU it says so and runs a small functional sweep in Triton's interpreter (tiny shapes,
 gn_triton vs torch on CPU): the CSV and plots are labelled functional, not a performance result.
 
-Output: <out>/sweep.csv (one row per measurement), <out>/run.json (metadata), plots and SUMMARY.md
-(python -m perf.plot / perf.summary, run at the end of the sweep).
+Output: <out>/sweep.csv (one row per measurement, written as it is measured: an interrupted sweep
+keeps its rows), <out>/run.json (metadata), plots and SUMMARY.md (python -m perf.plot / perf.summary,
+run at the end of the sweep). A whole GPU session's evidence is `python -m perf.gpu_evidence`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from .rows import SWEEP_COLUMNS, RowFile
 from .suites import BATCHES, DEFAULT_SUITES, FUNCTIONAL_SUITES, SUITES, Shape
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -113,10 +115,12 @@ def git_commit() -> str:
 
 
 class Timer:
-    """Median/p20/p80 milliseconds of a callable, on the GPU or (functional run) the CPU."""
+    """Median/p20/p80 milliseconds of a callable, on the GPU or (functional run) the CPU; rep_ms is
+    the GPU timing window per measurement (the evidence run shortens it to fit its budget)."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, rep_ms: int = 100):
         self.device = device
+        self.rep_ms = rep_ms
 
     def __call__(self, fn, graph: bool) -> tuple[float, float, float, str]:
         if self.device == "cpu":
@@ -131,9 +135,9 @@ class Timer:
         import triton.testing
 
         if graph:
-            ms = triton.testing.do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8])
+            ms = triton.testing.do_bench_cudagraph(fn, rep=self.rep_ms, quantiles=[0.5, 0.2, 0.8])
             return (*ms, "cuda graph")
-        ms = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        ms = triton.testing.do_bench(fn, warmup=max(1, self.rep_ms // 4), rep=self.rep_ms, quantiles=[0.5, 0.2, 0.8])
         return (*ms, "do_bench, L2 flushed")
 
 
@@ -265,7 +269,9 @@ def main(argv=None) -> int:
     print(f"device: {device_name}; copy bandwidth {copy_gbps:.0f} GB/s; torch {torch.__version__}, "
           f"triton {triton.__version__}, commit {meta['commit']}")  # fmt: skip
 
-    rows = []
+    (out / "run.json").write_text(json.dumps(meta, indent=1))
+    (out / "sweep.csv").unlink(missing_ok=True)
+    rows = RowFile(out / "sweep.csv", SWEEP_COLUMNS)
     jobs = list(itertools.product(sweep["shapes"], sweep["dtypes"], sweep["layouts"]))
     total = len(jobs) * len(sweep["batches"]) * len(sweep["modes"]) * len(provs)
     refresh = 0.5 if sys.stdout.isatty() else 15  # keep logs short when not on a terminal
@@ -284,24 +290,24 @@ def main(argv=None) -> int:
                 inputs = make_inputs(shape, N, dtype, layout, device, copies)
                 for mode, prov in itertools.product(sweep["modes"], provs):
                     bar.update(1)
-                    row = dict(meta_row(meta), provider=prov.name, mode=mode, dtype=dtype_name, layout=layout,
-                               suite=shape.suite, shape=shape.label, N=N, C=shape.C,
+                    row = dict(meta_row(meta), stage="sweep", provider=prov.name, mode=mode, dtype=dtype_name,
+                               layout=layout, suite=shape.suite, shape=shape.label, N=N, C=shape.C,
                                spatial="x".join(map(str, shape.spatial)), G=shape.G,
                                floor_bytes=floor_bytes(mode, numel, elem))  # fmt: skip
                     reason = "channels_last needs 4-D or 5-D input" if inputs is None else ""
                     reason = reason or prov.unsupported(inputs[0][0])
                     if reason:
-                        rows.append(dict(row, status=f"skipped: {reason}"))
+                        rows.write(dict(row, status=f"skipped: {reason}"))
                         continue
-                    rows.append(measure(row, prov, inputs, shape, mode, timer, has_gpu, copy_gbps, args.activation))
+                    rows.write(measure(row, prov, inputs, shape, mode, timer, has_gpu, copy_gbps, args.activation))
                 del inputs
                 if has_gpu:
                     torch.cuda.empty_cache()
 
     import pandas as pd
 
-    df = pd.DataFrame(rows)
-    df.to_csv(out / "sweep.csv", index=False)
+    rows.close()
+    df = pd.read_csv(out / "sweep.csv")
     (out / "run.json").write_text(json.dumps(meta, indent=1))
     print(f"\nwrote {out / 'sweep.csv'} ({len(df)} rows) and {out / 'run.json'}")
     print(summary.console_table(df))

@@ -1,0 +1,139 @@
+"""The GPU evidence run (perf/gpu_evidence.py) rehearsed on the CPU: stages in order, rows on disk
+after a kill, the budget's clean stop, the output folder's rules, and ingest from partial results."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from perf import gpu_evidence, ingest
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_NAMES = [s.name for s in gpu_evidence.STAGES]
+
+rehearsal = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the rehearsal is the CPU mode")
+
+
+def rehearse(out: Path, *extra: str, budget: float = 400) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "perf.gpu_evidence", "--rehearse", "--out", str(out), "--budget-s", str(budget)]
+    return subprocess.run([*cmd, *extra], cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("evidence")
+    proc = rehearse(out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@rehearsal
+def test_stages_run_in_order_and_write_their_rows(full_run):
+    run = json.loads((full_run / "run.json").read_text())
+    assert [s["name"] for s in run["stages"]] == STAGE_NAMES
+    assert all(s["status"] == "done" for s in run["stages"]), run["stages"]
+    assert run["result"] == "all stages run"
+    assert run["env"]["copy_gbps"] > 0 and run["env"]["gn_triton_call_us"] > 0
+    log = (full_run / "log.txt").read_text()
+    starts = [log.index(f"stage {k} {name}: start") for k, name in enumerate(STAGE_NAMES, 1)]
+    assert starts == sorted(starts)
+    correctness = pd.read_csv(full_run / "correctness.csv")
+    assert (correctness["status"] == "ok").all(), correctness[correctness["status"] != "ok"]
+    assert {"fused", "groups", "split", "waves", "heuristic"} <= set(correctness["path"])
+    assert {"y", "dx", "dweight", "dbias", "dscale", "dshift", "bitwise_repeat"} <= set(correctness["output"])
+    sweep = pd.read_csv(full_run / "sweep.csv")
+    assert set(sweep["stage"]) == {"core", "broad"}
+    ok = sweep[sweep["status"] == "ok"]
+    assert set(ok["provider"]) == {"gn_triton", "torch_eager"}
+    assert (ok["check_error"] < ok["dtype"].map({"fp32": 1e-4, "bf16": 2e-2})).all()
+    calibration = pd.read_csv(full_run / "calibration.csv")
+    assert "heuristic" in set(calibration["role"]) and (calibration["status"] == "ok").all()
+    assert "sanitize case" in (full_run / "sanitizer.txt").read_text()
+
+
+@rehearsal
+def test_output_folder_is_what_the_device_tool_brings_back(full_run):
+    assert gpu_evidence.check_output_folder(full_run) == []
+    names = [p.name for p in full_run.iterdir()]
+    assert len(names) <= gpu_evidence.MAX_FILES and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
+    assert all(p.is_file() for p in full_run.iterdir())
+
+
+@rehearsal
+def test_a_run_killed_after_stage_2_keeps_env_and_correctness_rows(tmp_path):
+    proc = rehearse(tmp_path, "--kill-after-stage", "2")
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert [(s["name"], s["status"]) for s in run["stages"]] == [("env", "done"), ("correctness", "done")]
+    assert run["env"]["copy_gbps"] > 0
+    correctness = pd.read_csv(tmp_path / "correctness.csv")
+    assert len(correctness) > 50 and (correctness["status"] == "ok").all()
+    assert "stage 2 correctness: done" in (tmp_path / "log.txt").read_text()
+    # ingest builds a summary from the partial run, saying what is missing
+    dest = tmp_path / "results"
+    assert ingest.main([str(tmp_path), str(dest), "--readme", str(tmp_path / "no-readme.md")]) == 0
+    text = (dest / "SUMMARY.md").read_text()
+    assert "CPU rehearsal" in text and "No throughput rows." in text and "cases pass every check" in text
+
+
+@rehearsal
+def test_the_budget_stops_the_run_cleanly(tmp_path):
+    proc = rehearse(tmp_path, budget=6)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert re.fullmatch(r"stopped at budget after stage \d", run["result"])
+    assert run["result"] in (tmp_path / "log.txt").read_text()
+    assert run["stages"][-1]["status"] == "not run: budget"
+    assert [s["name"] for s in run["stages"]] == STAGE_NAMES
+
+
+@rehearsal
+def test_ingest_summary_and_plots_of_a_full_rehearsal(full_run, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"x\n{ingest.TABLE_START}\nold\n{ingest.TABLE_END}\ny\n")
+    dest = tmp_path / "results"
+    assert ingest.main([str(full_run), str(dest), "--readme", str(readme)]) == 0
+    text = (dest / "SUMMARY.md").read_text()
+    for heading in ("## Stages", "## Correctness", "### core", "### broad", "## Plan calibration", "## DRAM traffic"):
+        assert heading in text, heading
+    assert (dest / "throughput_fwd_fp32_contiguous.png").stat().st_size > 10_000
+    assert "old" in readme.read_text()  # a rehearsal never reaches the README's table
+
+
+def test_readme_table_from_gpu_results(tmp_path):
+    """The README's table is derived from committed GPU results (synthetic numbers, never reported)."""
+    folder = tmp_path / "results" / "Synthetic_GPU"
+    folder.mkdir(parents=True)
+    env = dict(device="cuda", gpu="Synthetic GPU", sm_count=132, copy_gbps=3000.0)
+    (folder / "run.json").write_text(json.dumps(dict(env=env, stages=[], result="all stages run")))
+    rows = []
+    for N in (1, 32):
+        for provider, ms in (("gn_triton", 1.0), ("torch_eager", 4.0), ("torch_compile", 1.5)):
+            gbps = 2400.0 / ms
+            rows.append(dict(stage="core", activation="none", provider=provider, mode="fwd", dtype="bf16",
+                             layout="contiguous", shape="C320 64x64 G32", N=N, status="ok", ms=ms, gbps=gbps,
+                             pct_copy_bw=100 * gbps / 3000))  # fmt: skip
+    pd.DataFrame(rows).to_csv(folder / "sweep.csv", index=False)
+    table = ingest.performance_table(tmp_path / "results")
+    assert "| Synthetic GPU | fwd | bf16 | contiguous | 4.00× | 1.50× | 80% | 80% |" in table
+    text = f"a\n{ingest.TABLE_START}\nold\n{ingest.TABLE_END}\nb\n"
+    assert ingest.update_readme(text, table) == f"a\n{ingest.TABLE_START}\n{table}\n{ingest.TABLE_END}\nb\n"
+
+
+def test_parse_ncu_csv():
+    text = "\n".join([
+        "==PROF== Connected to process 1",
+        '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"',
+        '"0","_gn_fwd_fused_kernel","dram__bytes_read.sum","byte","1,048,576"',
+        '"0","_gn_fwd_fused_kernel","dram__bytes_write.sum","Kbyte","512"',
+        '"1","elementwise_kernel","sm__cycles.sum","cycle","7"',
+    ])  # fmt: skip
+    rows = gpu_evidence.parse_ncu_csv(text)
+    assert [(r["kernel"], r["bytes"]) for r in rows] == [("_gn_fwd_fused_kernel", 1048576.0),
+                                                          ("_gn_fwd_fused_kernel", 512e3)]  # fmt: skip
