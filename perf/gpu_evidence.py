@@ -212,7 +212,8 @@ def stage_env(ev: Evidence, ctx: Context, clock: Clock) -> str:
     ctx.timer = Timer(ctx.device, ctx.rep_ms)
     ctx.copy_gbps = copy_bandwidth(ctx.device, ctx.timer)
     env["copy_gbps"] = round(ctx.copy_gbps, 1)
-    env.update(_launch_costs(ctx))
+    with _autotune(False):
+        env.update(_launch_costs(ctx))
     ctx.meta = dict(run_kind="gpu-performance" if ctx.device == "cuda" else "cpu-functional", device=env["gpu"],
                     sm_count=env["sm_count"], copy_gbps=env["copy_gbps"], torch=env["torch"], triton=env["triton"],
                     gn_triton=env["gn_triton"], commit=env["commit"], timestamp=_now(), activation="none")  # fmt: skip
@@ -425,7 +426,7 @@ def check_big_group(device: str) -> list[dict]:
         for name, out, ref in (("y", y.detach()[0, c, s:e], y_ref), ("dx", x.grad[0, c, s:e], dx_ref)):
             err = ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1)).item()
             errors[name] = max(errors[name], err if math.isfinite(err) else math.inf)
-    tol = 4 * TOLERANCE[torch.bfloat16]  # bf16 output rounding plus sums over 2^31 elements
+    tol = TOLERANCE[torch.bfloat16]  # bf16 outputs: their rounding dominates the sums' fp32 error
     for name, err in errors.items():
         rows.append(dict(output=name, error=err, tolerance=tol, status="ok" if err <= tol else "FAIL"))
     return rows
@@ -865,7 +866,8 @@ def warm_stage(ev: Evidence, stage: str, seconds: float) -> str:
     workers = max(1, min(8, (os.cpu_count() or 2) // 2))
     cmd = [sys.executable, "-m", "perf.gpu_evidence", "--warm", stage, "--workers", str(workers), "--worker"]
     start = time.monotonic()
-    procs = [subprocess.Popen(cmd + [str(k)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")  # the workers are the parallelism
+    procs = [subprocess.Popen(cmd + [str(k)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for k in range(workers)]  # fmt: skip
     outputs = []
     for proc in procs:

@@ -39,9 +39,17 @@ def _gn_triton() -> Provider:
 
 
 def _torch_compile() -> Provider:
+    """torch.compile(F.group_norm), static shapes but for the batch: one compile per shape for batch 1
+    and one for every other batch size (as a user with varying batches gets), not one per batch."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 512)
     compiled = torch.compile(F.group_norm, dynamic=False)
-    return Provider("torch_compile", lambda x, g, w, b, eps: compiled(x, g, w, b, eps))
+
+    def group_norm(x, g, w, b, eps):
+        if x.shape[0] > 1:  # a size-1 dimension is always specialised, so batch 1 compiles apart
+            torch._dynamo.mark_dynamic(x, 0)
+        return compiled(x, g, w, b, eps)
+
+    return Provider("torch_compile", group_norm)
 
 
 def _liger() -> Provider:

@@ -335,7 +335,9 @@ def measure(row, prov, inputs, shape, mode, timer, has_gpu, copy_gbps, activatio
         err = reference_check(prov, x, shape.G, w, b, dy, mode, activation)
         if not err <= CHECK_TOL[x.dtype]:
             return dict(row, status=f"wrong: error {err:.3g} vs float64 reference", check_error=err)
-        graph = has_gpu and row["floor_bytes"] < GRAPH_BELOW_BYTES
+        # CUDA graphs for tiny forward calls only: autograd runs a backward on its forward's stream,
+        # which a capture on another stream would not record.
+        graph = has_gpu and row["floor_bytes"] < GRAPH_BELOW_BYTES and mode == "fwd"
         ms, p20, p80, how = timer(make_call(prov, inputs, shape.G, mode), graph)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
