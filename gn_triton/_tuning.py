@@ -14,13 +14,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.testing
+
+from . import _cost, _plan_cache
+from ._cost import DeviceModel
 
 # Read once at import (no device is touched): Triton decides at decoration time whether the kernels
 # are compiled or interpreted, so this cannot change later in the process.
@@ -137,21 +142,17 @@ def _make_plan(p: Problem, split: int, groups: int, elems: int, num_warps: int, 
     return Plan(split, groups, block_c, block_s, num_warps, wave_blocks).fit(p)
 
 
-def _tensors_read(direction: str) -> int:
-    return 1 if direction == "fwd" else 2  # forward reads x; backward reads x and dy
-
-
 def _block_bytes(direction: str, p: Problem, groups: int) -> int:
     """Bytes a block's programs read per pass."""
-    return groups * p.row_elems * p.elem_size * _tensors_read(direction)
+    return groups * p.row_elems * p.elem_size * _cost.tensors_read(direction)
 
 
-def _wave_blocks(direction: str, p: Problem, groups: int, l2_bytes: int) -> int:
-    """Blocks per wave so that a wave's bytes fit in half the L2 (0: the whole tensor already does)."""
+def _wave_blocks(direction: str, p: Problem, groups: int, budget: int) -> int:
+    """Blocks per wave so that a wave's bytes fit `budget` (0: the whole tensor already does)."""
     block_bytes = _block_bytes(direction, p, groups)
-    if p.blocks(groups) * block_bytes <= l2_bytes // 2:
+    if p.blocks(groups) * block_bytes <= budget:
         return 0
-    return max(1, (l2_bytes // 2) // block_bytes)
+    return max(1, budget // block_bytes)
 
 
 def _layout_groups(p: Problem) -> int:
@@ -165,51 +166,115 @@ def _layout_groups(p: Problem) -> int:
     return min(groups, triton.next_power_of_2(p.G))
 
 
-def heuristic_plan(direction: str, p: Problem, device: torch.device) -> Plan:
-    """A good plan without timing anything (the interpreter, GN_TRITON_AUTOTUNE=0, graph capture)."""
-    if device.type != "cuda":
+def _group_options(p: Problem) -> list[int]:
+    """Groups per program worth considering. NCHW: one, or several tiny groups. channels_last: the
+    layout's choice, smaller blocks down to a 32-byte sector per pixel (they fit L2 where a
+    line-wide block does not), and all groups of a sample."""
+    top = triton.next_power_of_2(p.G)
+    if not p.channels_last:
+        options, groups = [1], 2
+        while groups <= top and groups * p.row_elems <= 8192:
+            options.append(groups)
+            groups *= 2
+        return options
+    options, groups = [], _layout_groups(p)
+    sector = min(top, triton.next_power_of_2(triton.cdiv(_cost.SECTOR_BYTES, p.Cg * p.elem_size)))
+    while groups >= sector:
+        options.append(groups)
+        groups //= 2
+    return list(dict.fromkeys([*options, top]))
+
+
+def _device(device: torch.device | DeviceModel) -> DeviceModel:
+    """The cost model's view of a CUDA device (a DeviceModel passes through: explain plans for one)."""
+    if isinstance(device, DeviceModel):
+        return device
+    sms, l2_bytes = device_info(device)
+    return _cost.device_model(device, sms, l2_bytes)
+
+
+_TILES = ((4096, 8), (2048, 4), (4096, 4), (8192, 8))  # (elements per tile, warps)
+
+
+def _classic_plan(direction: str, p: Problem, dev: DeviceModel) -> Plan:
+    """The rule of thumb the model's ranking starts from (it wins ties): fused when blocks fill the
+    GPU twice over, with several tiny groups per program; else split in L2-sized waves over about
+    four programs per SM."""
+    elems = 4096 if p.elem_size <= 2 else 2048
+    num_warps = 8 if elems >= 4096 else 4
+    groups = _layout_groups(p)
+    if p.blocks(groups) >= 2 * dev.sms:
+        while (
+            groups * 2 <= triton.next_power_of_2(p.G)
+            and groups * 2 * p.row_elems <= elems
+            and p.blocks(groups * 2) >= 4 * dev.sms
+        ):
+            groups *= 2
+        return _make_plan(p, 1, groups, elems, num_warps, 0)
+    wave = _wave_blocks(direction, p, groups, dev.l2_budget)
+    return _make_plan(p, triton.cdiv(4 * dev.sms, wave or p.blocks(groups)), groups, elems, num_warps, wave)
+
+
+def plan_space(direction: str, p: Problem, dev: DeviceModel) -> list[Plan]:
+    """Every plan the model ranks: groups per program x tile and warps x fused or split (over 2-16
+    programs per SM) x waves fitting the L2 budget, twice it, or none. The classic plan first."""
+    plans = [_classic_plan(direction, p, dev)]
+    for groups in _group_options(p):
+        blocks = p.blocks(groups)
+        waves = dict.fromkeys(_wave_blocks(direction, p, groups, b) for b in (dev.l2_budget, 2 * dev.l2_budget, 0))
+        for elems, num_warps in _TILES:
+            plans.append(_make_plan(p, 1, groups, elems, num_warps, 0))
+            for wave in waves:
+                for programs_per_sm in (4, 2, 8, 16):
+                    split = triton.cdiv(programs_per_sm * dev.sms, wave or blocks)
+                    if split > 1:
+                        plans.append(_make_plan(p, split, groups, elems, num_warps, wave))
+    return list(dict.fromkeys(plans))  # fit() folds equivalent plans together
+
+
+@functools.lru_cache(maxsize=4096)
+def ranked_plans(direction: str, p: Problem, dev: DeviceModel) -> tuple[tuple[Plan, _cost.Prediction], ...]:
+    """The plan space, cheapest predicted first. Predictions within 0.5% of each other count as a tie,
+    kept in plan_space's order (the model cannot tell them apart; the autotuner can)."""
+    predicted = [(plan, _cost.predict(direction, p, plan, dev)) for plan in plan_space(direction, p, dev)]
+    best = min(pred.time_us for _, pred in predicted)
+    order = sorted(range(len(predicted)), key=lambda i: (round(math.log(predicted[i][1].time_us / best) / 0.005), i))
+    return tuple(predicted[i] for i in order)
+
+
+def heuristic_plan(direction: str, p: Problem, device: torch.device | DeviceModel) -> Plan:
+    """A good plan without timing anything: the cost model's cheapest on a GPU (also under CUDA-graph
+    capture and with GN_TRITON_AUTOTUNE=0); few large programs in the interpreter."""
+    if isinstance(device, torch.device) and device.type != "cuda":
         # The interpreter costs per program and loop iteration: few programs, large tiles.
         elems = 16384
         groups = 1
         while groups * 2 <= triton.next_power_of_2(p.G) and groups * 2 * p.row_elems <= elems:
             groups *= 2
         return _make_plan(p, 1, max(groups, _layout_groups(p)), elems, 4, 0)
-
-    sms, l2_bytes = device_info(device)
-    elems = 4096 if p.elem_size <= 2 else 2048
-    num_warps = 8 if elems >= 4096 else 4
-    groups = _layout_groups(p)
-    blocks = p.blocks(groups)
-    if blocks >= 2 * sms and _block_bytes(direction, p, groups) <= 128 << 10:
-        while (  # tiny groups: several per program, while programs still fill the GPU
-            groups * 2 <= triton.next_power_of_2(p.G)
-            and groups * 2 * p.row_elems <= elems
-            and p.blocks(groups * 2) >= 4 * sms
-        ):
-            groups *= 2
-        return _make_plan(p, 1, groups, elems, num_warps, 0)
-    wave = _wave_blocks(direction, p, groups, l2_bytes)
-    split = triton.cdiv(4 * sms, wave or blocks)
-    return _make_plan(p, split, groups, elems, num_warps, wave)
+    return ranked_plans(direction, p, _device(device))[0][0]
 
 
-def candidate_plans(direction: str, p: Problem, device: torch.device) -> list[Plan]:
-    """The autotuner's search space: groups per program, tile size, warps, fused vs split and its
-    split factor, waves."""
-    sms, l2_bytes = device_info(device)
-    plans = [heuristic_plan(direction, p, device)]
-    for groups in dict.fromkeys((_layout_groups(p), 1, triton.next_power_of_2(p.G) if p.channels_last else 1)):
-        blocks = p.blocks(groups)
-        wave = _wave_blocks(direction, p, groups, l2_bytes)
-        for elems, num_warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8)):
-            if blocks >= sms:
-                plans.append(_make_plan(p, 1, groups, elems, num_warps, 0))
-            for wave_blocks in dict.fromkeys((wave, 0)):  # waves that fit L2, or all blocks at once
-                for programs_per_sm in (2, 4, 8, 16):
-                    split = triton.cdiv(programs_per_sm * sms, wave_blocks or blocks)
-                    if split > 1:
-                        plans.append(_make_plan(p, split, groups, elems, num_warps, wave_blocks))
-    return list(dict.fromkeys(plans))  # fit() folds equivalent plans together
+def tune_candidates() -> int | None:
+    """How many plans the autotuner times per key: GN_TRITON_TUNE_CANDIDATES (default 4; "all")."""
+    value = os.environ.get("GN_TRITON_TUNE_CANDIDATES", "4")
+    return None if value == "all" else max(1, int(value))
+
+
+def candidate_plans(direction: str, p: Problem, device: torch.device | DeviceModel) -> list[Plan]:
+    """Exactly the plans the autotuner times: the model's cheapest few, at most two of each kind
+    (fused or split, waves or not, groups per program), so that where the model may be wrong about
+    the kind the timing decides; the heuristic plan first."""
+    limit = tune_candidates()
+    chosen, per_kind = [], {}
+    for plan, _ in ranked_plans(direction, p, _device(device)):
+        kind = (plan.split == 1, plan.wave_blocks > 0, plan.groups_per_program)
+        if limit is None or per_kind.get(kind, 0) < 2:
+            chosen.append(plan)
+            per_kind[kind] = per_kind.get(kind, 0) + 1
+        if limit is not None and len(chosen) == limit:
+            break
+    return chosen
 
 
 def _bucket_key(direction: str, p: Problem, device: torch.device, needs: tuple) -> tuple:
@@ -250,12 +315,12 @@ def override_plan(**fields) -> Iterator[None]:
 
 
 def autotune_enabled(device: torch.device) -> bool:
-    return (
-        device.type == "cuda"
-        and not INTERPRET
-        and os.environ.get("GN_TRITON_AUTOTUNE", "1") != "0"
-        and not torch.cuda.is_current_stream_capturing()
-    )
+    """Tuned plans on a CUDA device, unless GN_TRITON_AUTOTUNE=0 (then the heuristic plan)."""
+    return device.type == "cuda" and not INTERPRET and os.environ.get("GN_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def choose_plan(
@@ -265,24 +330,48 @@ def choose_plan(
     launch: Callable[[Plan], None],
     needs: tuple = (),
 ) -> Plan:
-    """The plan for this call: forced, tuned (timing each candidate once per key), or heuristic."""
+    """The plan for this call: forced, tuned, or heuristic. A tuned plan is timed once per key and
+    kept in memory and on disk (gn_triton._plan_cache), so later processes reuse it; under CUDA-graph
+    capture nothing is timed, but a tuned plan already known is used."""
     if _override is not None:
         return dataclasses.replace(heuristic_plan(direction, p, device), **_override).fit(p)
     if not autotune_enabled(device):
         return heuristic_plan(direction, p, device)
     key = _bucket_key(direction, p, device, needs)
     if key not in _tuned:
-        _tuned[key] = _fastest(candidate_plans(direction, p, device), launch)
+        entry = _plan_cache.entry_key(key[:1] + key[2:])  # the file is per device: no device index
+        stored = _stored_plan(_plan_cache.load(device).get(entry))
+        if stored is not None:
+            _tuned[key] = stored
+        elif _capturing():
+            return heuristic_plan(direction, p, device)
+        else:
+            _tuned[key] = _fastest(candidate_plans(direction, p, device), launch)
+            _plan_cache.store(device, entry, dataclasses.asdict(_tuned[key]))
     return _tuned[key].fit(p)
 
 
+def _stored_plan(fields: dict | None) -> Plan | None:
+    """A plan read back from the disk cache, or None if the entry is absent or not a valid plan."""
+    names = {f.name for f in dataclasses.fields(Plan)}
+    if not fields or set(fields) != names or not all(type(v) is int and v >= 0 for v in fields.values()):
+        return None
+    return Plan(**fields)
+
+
 def _fastest(plans: list[Plan], launch: Callable[[Plan], None]) -> Plan:
-    best, best_ms = plans[0], float("inf")
+    """The candidate that times fastest. One that fails to compile or run (a tile the GPU cannot hold,
+    a compiler crash) is skipped with a warning, never the user's call, unless every one fails."""
+    best, best_ms, failure = None, float("inf"), None
     for plan in plans:
         try:
             ms = triton.testing.do_bench(lambda plan=plan: launch(plan), warmup=5, rep=20)
-        except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
-            continue  # a tile this GPU cannot hold: not a candidate here
+        except Exception as exc:  # noqa: BLE001 - any failure of a candidate only removes it
+            warnings.warn(f"gn_triton: skipping candidate {plan} ({type(exc).__name__}: {exc})"[:500], stacklevel=2)
+            failure = exc
+            continue
         if ms < best_ms:
             best, best_ms = plan, ms
+    if best is None:
+        raise RuntimeError("gn_triton: no candidate plan could run") from failure
     return best

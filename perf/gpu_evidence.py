@@ -73,7 +73,8 @@ CORRECTNESS_COLUMNS = ["case", "path", "layout", "dtype", "epilogue", "shape", "
                        "status", "seconds"]  # fmt: skip
 CALIBRATION_COLUMNS = ["problem", "N", "direction", "dtype", "layout", "role", "split", "groups_per_program",
                        "block_c", "block_s", "num_warps", "wave_blocks", "programs", "launches", "floor_bytes",
-                       "status", "ms", "gbps", "pct_copy_bw", "first_call_s"]  # fmt: skip
+                       "predicted_ms", "predicted_traffic", "status", "ms", "gbps", "pct_copy_bw",
+                       "first_call_s"]  # fmt: skip
 TRAFFIC_COLUMNS = ["shape", "N", "dtype", "path", "direction", "launches", "dram_read_bytes", "dram_write_bytes",
                    "floor_bytes", "traffic_over_floor", "status"]  # fmt: skip
 
@@ -230,8 +231,11 @@ def _run_text(cmd: list[str]) -> str:
 
 def _launch_costs(ctx: Context) -> dict:
     """Microseconds per call of a tiny gn_triton call and a tiny torch op, launched back to back from
-    Python (host-bound), and of the gn_triton call replayed in a CUDA graph (the GPU side alone)."""
+    Python (host-bound); the cost of one more Triton launch (a 16-launch plan against a 1-launch plan
+    of the same call: the cost model's launch_us); and the gn_triton call replayed in a CUDA graph
+    (the GPU side alone)."""
     import gn_triton
+    from gn_triton import _tuning
 
     x = torch.randn(1, 32, 8, 8, device=ctx.device)
     ones = torch.ones(1, device=ctx.device)
@@ -244,6 +248,11 @@ def _launch_costs(ctx: Context) -> dict:
 
     out = dict(gn_triton_call_us=per_call(lambda: gn_triton.group_norm(x, 8)),
                torch_tiny_op_us=per_call(lambda: ones.add_(1)))  # fmt: skip
+    with _tuning.override_plan(split=1, groups_per_program=1, block_s=32):
+        one = per_call(lambda: gn_triton.group_norm(x, 8))
+    with _tuning.override_plan(split=2, groups_per_program=1, block_s=32, wave_blocks=1):  # 8 waves x 2
+        sixteen = per_call(lambda: gn_triton.group_norm(x, 8))
+    out["launch_us"] = (sixteen - one) / 15
     if ctx.device == "cuda":
         import triton.testing
 
@@ -688,16 +697,17 @@ def calibrate(ctx: Context, clock: Clock, out: RowFile, shape: Shape, N: int, di
 
 
 def _time_plan(ctx: Context, row: dict, problem, plan, call) -> dict:
+    """Time one plan; the row carries the cost model's prediction beside the measurement."""
+    from gn_triton import _cost, _tuning
+
     if plan is None:
         return dict(row, status="error: no plan")
     plan = plan.fit(problem)
-    waves = len(list(plan.waves(problem)))
-    launches = 1 if plan.split == 1 else 2 * waves
-    launches += row["direction"] == "bwd"  # the dweight/dbias reduction
-    spans = plan.span(problem.S)[1] if plan.split > 1 else 1
+    predicted = _cost.predict(row["direction"], problem, plan, _tuning._device(torch.device(ctx.device)))
     row = dict(row, **{k: getattr(plan, k) for k in ("split", "groups_per_program", "block_c", "block_s",
                                                       "num_warps", "wave_blocks")},
-               programs=plan.blocks(problem) * spans, launches=launches)  # fmt: skip
+               programs=predicted.programs, launches=predicted.launches, predicted_ms=predicted.time_us / 1e3,
+               predicted_traffic=predicted.traffic_over_floor)  # fmt: skip
     try:
         first = _timed(ctx, lambda: call(plan))
         ms = ctx.timer(lambda: call(plan), graph=False)[0]

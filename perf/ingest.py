@@ -73,11 +73,22 @@ def calibration_section(df: pd.DataFrame | None) -> list[str]:
         tuned = part[part["role"] == "autotuner"]["ms"]
         rows.append(dict(problem=problem, N=n, direction=direction, layout=layout, plans=len(part),
                          heuristic_ms=heuristic.min(), autotuner_ms=tuned.min(), best_ms=best["ms"],
+                         model_ms_of_best=best.get("predicted_ms"),
                          best_plan=f"split {best['split']} groups {best['groups_per_program']} tile "
                                    f"{best['block_c']}x{best['block_s']} warps {best['num_warps']} "
                                    f"wave {best['wave_blocks']}",
                          heuristic_over_best=heuristic.min() / best["ms"]))  # fmt: skip
-    return [_md(pd.DataFrame(rows))]
+    lines = [_md(pd.DataFrame(rows))]
+    if "predicted_ms" in ok and ok["predicted_ms"].notna().any():
+        ratio = (ok["ms"] / ok["predicted_ms"]).dropna()
+        firsts = ok[ok["role"] == "heuristic"].set_index(["problem", "N", "direction", "layout"])["ms"]
+        bests = ok[ok["role"] != "autotuner"].groupby(["problem", "N", "direction", "layout"])["ms"].min()
+        hits = int((firsts <= bests.reindex(firsts.index) * 1.02).sum())
+        lines += ["", f"Model against measurement: measured / predicted time median {ratio.median():.2f} "
+                      f"(10th-90th percentile {ratio.quantile(0.1):.2f}-{ratio.quantile(0.9):.2f}) over "
+                      f"{len(ratio)} plans; the model's first choice was within 2% of the fastest timed plan "
+                      f"in {hits} of {len(firsts)} problems."]  # fmt: skip
+    return lines
 
 
 def traffic_section(df: pd.DataFrame | None) -> list[str]:
@@ -199,6 +210,12 @@ def main(argv=None) -> int:
     for path in plots(dest, run, frames.get("sweep")):
         print(f"plot: {path}")
     print(f"wrote {write_summary(dest, run, frames)}")
+    env = run.get("env", {})
+    if "launch_us" in env:  # what gn_triton/_cost.py's DEVICES entry for this GPU should say
+        print(
+            f"cost model calibration for {env.get('gpu')}: copy_gbps={env.get('copy_gbps')}, "
+            f"launch_us={env['launch_us']:.1f} (update gn_triton/_cost.py DEVICES with the run's date)"
+        )
     if run.get("env", {}).get("device") != "cuda":
         print("a CPU rehearsal: the README's performance table is left as it is")
         return 0

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .suites import DEFAULT_SUITES, SUITES
+
 TARGET_PCT = {"fwd": 80.0, "bwd": 70.0}
 TARGET_MIN_BYTES = 16 << 20
 
@@ -91,6 +93,66 @@ def write_summary(df: pd.DataFrame, meta: dict, path: Path) -> None:
         lines += ["## Not timed", ""] + [f"- {n} × {status}" for status, n in skipped.items()] + [""]
     lines += [f"- {note}" for note in meta.get("notes", [])]
     path.write_text("\n".join(lines) + "\n")
+
+
+def model_predictions(device: str = "h100", batches=(1, 8, 32)) -> pd.DataFrame:
+    """What gn_triton's cost model predicts for the default suites in bf16 (a model, never a
+    measurement): the heuristic plan's kind, launches, HBM bytes over the floor, time and % of the
+    device's copy bandwidth."""
+    import torch
+
+    from gn_triton import _cost, _tuning
+
+    model = _cost.DEVICES[device]
+    rows = []
+    for shape in (s for suite in DEFAULT_SUITES for s in SUITES[suite]):
+        for N in batches:
+            for layout in ("contiguous", "channels_last"):
+                for mode in ("fwd", "bwd"):
+                    p = _tuning.Problem(N, shape.C, math.prod(shape.spatial), shape.G, torch.bfloat16,
+                                        layout == "channels_last", True, True)  # fmt: skip
+                    plan, pred = _tuning.ranked_plans(mode, p, model)[0]
+                    kind = "fused" if plan.split == 1 else f"split, {pred.waves} wave(s)"
+                    rows.append(dict(shape=shape.label, N=N, layout=layout, mode=mode, plan=kind,
+                                     launches=pred.launches, traffic_over_floor=pred.traffic_over_floor,
+                                     predicted_us=pred.time_us,
+                                     predicted_pct_copy_bw=pred.pct_copy_bw(model)))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def write_functional_summary(df: pd.DataFrame, meta: dict, path: Path) -> str:
+    """SUMMARY.md of a functional run (no GPU): returns the text, also for the console."""
+    from .ingest import performance_table
+
+    results = Path(__file__).parent / "results"
+    committed = sorted(results.glob("*/SUMMARY.md"))
+    checks = df[["provider", "mode", "dtype", "layout", "shape", "N", "status", "check_error"]]
+    lines = [
+        f"# gn_triton functional check on {meta['device']}",
+        "",
+        "**No GPU here.** Triton's interpreter ran gn_triton's kernels on tiny shapes and every result was",
+        "checked against the float64 reference; interpreter timings say nothing about GPU speed and are",
+        "not reported as throughput.",
+        "",
+        "## Correctness against the float64 reference (max error / max |reference|)",
+        "",
+        checks.to_markdown(index=False, floatfmt=".2g"),
+        "",
+        "## GPU results committed under perf/results/",
+        "",
+        *([f"- {p.relative_to(results.parent.parent)}" for p in committed] or ["None yet."]),
+        "",
+        performance_table(results) if results.exists() else "",
+        "",
+        "## What the cost model predicts on an H100 (bf16; a MODEL, not a measurement)",
+        "",
+        model_predictions().to_markdown(index=False, floatfmt=".3g"),
+        "",
+        f"torch {meta['torch']} · triton {meta['triton']} · gn_triton {meta['gn_triton']} (commit {meta['commit']})",
+    ]
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,7 @@ be set before gn_triton is imported, because Triton decides at decoration time. 
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    # Tuned plans go to a throw-away cache, never the user's (gn_triton._plan_cache).
+    os.environ.setdefault("GN_TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="gn_triton_plans_"))
     device = config.getoption("--device") or ("cuda" if torch.cuda.is_available() else "cpu")
     config.gn_device = device
     if device == "cpu":

@@ -44,8 +44,11 @@ def test_functional_sweep_end_to_end(tmp_path):
                    "timestamp"):  # fmt: skip
         assert column in df.columns, column
     assert df[df["status"].str.startswith("skipped")]["status"].str.contains("4-D or 5-D").all()
-    assert "Functional run" in (tmp_path / "SUMMARY.md").read_text()
-    assert (tmp_path / "throughput_fwd_fp32_contiguous.png").stat().st_size > 10_000
+    summary_text = (tmp_path / "SUMMARY.md").read_text()
+    for text in ("No GPU here", "Correctness against the float64 reference", "GPU results committed",
+                 "What the cost model predicts on an H100", "a MODEL, not a measurement"):  # fmt: skip
+        assert text in summary_text, text
+    assert not list(tmp_path.glob("*.png"))  # interpreter timings are not plotted as throughput
 
 
 def synthetic_sweep() -> tuple[pd.DataFrame, dict]:

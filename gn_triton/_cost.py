@@ -1,0 +1,153 @@
+"""A traffic and launch cost model of a plan: the HBM bytes it moves and the time that takes.
+
+GroupNorm is memory-bound, so a plan's cost is the bytes it moves through HBM and the launches it
+issues. The model, per direction (forward reads x and writes y; backward reads x and dy, writes dx):
+
+- **Floor**: every tensor read once and written once.
+- **Second read.** Both paths read their data twice (statistics or gradient sums, then the
+  normalisation or dx). The second read comes from L2 when the bytes held in between fit the L2
+  budget (half the L2: the other half is left to the output's writes and the workspace), else the
+  missing fraction comes from HBM again:
+    fused (one launch, a block per program): the bytes held are the resident programs' blocks;
+    split (two launches per wave): the bytes held are the wave's blocks.
+- **Sectors** (channels_last): a program reads each pixel's slice of its block, R*Cg elements; a
+  slice narrower than a 32-byte sector still moves the whole sector.
+- **Time**: HBM bytes over the copy bandwidth plus second reads served by L2 over L2's (faster)
+  bandwidth, scaled down when a launch has fewer than two programs per SM (too few requests in
+  flight to keep HBM busy), against the host's cost of the launches (Python and Triton's launcher,
+  microseconds each; they overlap the GPU's work): time = max(GPU time, host time).
+- **Residency**: programs per SM from warps and a rough register estimate of the tile (the static
+  report's cuobjdump counts are the truth; this only has to rank plans).
+
+It ranks the planner's candidates (gn_triton._tuning) and predicts what `python -m gn_triton.explain`
+prints. Device figures: SMs and L2 from the device; copy bandwidth and launch cost from DEVICES
+(measured where said, defaults elsewhere) until a GPU run's results (perf/results/<gpu>/) calibrate
+them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+SECTOR_BYTES = 32
+PROGRAMS_PER_SM_TO_SATURATE = 2  # a launch needs about this many programs per SM to keep HBM busy
+L2_OVER_HBM = 2.5  # L2 read bandwidth over HBM copy bandwidth (H100/H200: roughly 2-3x)
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    name: str
+    sms: int
+    l2_bytes: int
+    copy_gbps: float  # device-to-device copy: (read + write) bytes per second / 1e9
+    launch_us: float  # host time of one kernel launch from Python
+    source: str = ""  # where the figures come from
+
+    @property
+    def l2_budget(self) -> int:
+        """Bytes a plan may hold in L2 between its two reads of the same data."""
+        return self.l2_bytes // 2
+
+
+DEVICES = {
+    "h100": DeviceModel("NVIDIA H100 80GB HBM3", 132, 50 << 20, 3000.0, 6.0,
+                        "SMs and L2 from torch; copy bandwidth measured once on an H100 here; launch cost a default"),
+    "h200": DeviceModel("NVIDIA H200", 132, 60 << 20, 4300.0, 6.0,
+                        "SMs and L2 from torch; copy bandwidth measured once on an H200 here; launch cost a default"),
+    "a100": DeviceModel("NVIDIA A100-SXM4-80GB", 108, 40 << 20, 1700.0, 6.0,
+                        "datasheet SMs and L2; copy bandwidth and launch cost defaults, not measured here"),
+}  # fmt: skip
+
+
+def known_device(name: str) -> DeviceModel:
+    """The DEVICES entry whose key is in the device's name (an H100 by default)."""
+    lowered = name.lower()
+    for key, model in DEVICES.items():
+        if key in lowered:
+            return model
+    return DEVICES["h100"]
+
+
+@functools.cache
+def _cuda_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if torch.cuda.is_available() else "unknown"
+
+
+def device_model(device: torch.device, sms: int, l2_bytes: int) -> DeviceModel:
+    """The model of a CUDA device: its own SM count and L2, the table's bandwidth and launch cost."""
+    known = known_device(_cuda_name(device))
+    return DeviceModel(_cuda_name(device), sms, l2_bytes, known.copy_gbps, known.launch_us, known.source)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the model expects of one call: bytes, launches, programs and time (labelled a model
+    wherever it is shown)."""
+
+    floor_bytes: int
+    hbm_bytes: float
+    launches: int
+    programs: int  # per launch (the largest launch)
+    waves: int  # split path: waves of blocks (1 for fused)
+    gpu_us: float
+    host_us: float
+
+    @property
+    def time_us(self) -> float:
+        return max(self.gpu_us, self.host_us)
+
+    @property
+    def traffic_over_floor(self) -> float:
+        return self.hbm_bytes / self.floor_bytes
+
+    def pct_copy_bw(self, device: DeviceModel) -> float:
+        """The floor bytes' throughput as % of the copy bandwidth (the sweep's figure of merit)."""
+        return 100 * self.floor_bytes / (self.time_us * 1e-6) / (device.copy_gbps * 1e9)
+
+
+def tensors_read(direction: str) -> int:
+    return 1 if direction == "fwd" else 2  # forward reads x; backward reads x and dy
+
+
+def programs_per_sm(block_c: int, block_s: int, num_warps: int) -> int:
+    """Resident programs per SM: at most 64 warps, and a rough register count of the tile (about
+    four registers per tile element a thread holds, plus 40)."""
+    threads = 32 * num_warps
+    registers = min(255, 40 + 4 * math.ceil(block_c * block_s / threads))
+    return max(1, min(64 // num_warps, 65536 // (threads * registers), 32))
+
+
+def predict(direction: str, p, plan, device: DeviceModel) -> Prediction:
+    """The model's cost of running `plan` (a gn_triton._tuning.Plan) on problem `p`."""
+    plan = plan.fit(p)
+    reads = tensors_read(direction)
+    tensor = p.N * p.C * p.S * p.elem_size
+    floor = tensor * (reads + 1)
+    groups = min(plan.groups_per_program, p.G)
+    sector_waste = 1.0
+    if p.channels_last:
+        slice_bytes = min(groups * p.Cg, p.C) * p.elem_size
+        sector_waste = math.ceil(slice_bytes / SECTOR_BYTES) * SECTOR_BYTES / slice_bytes
+    block_read = groups * p.row_elems * p.elem_size * reads
+    blocks = plan.blocks(p)
+    budget = device.l2_budget
+    if plan.split == 1:
+        resident = min(blocks, device.sms * programs_per_sm(plan.block_c, plan.block_s, plan.num_warps))
+        miss = max(0.0, 1 - budget / (resident * block_read))
+        second = miss * tensor * reads
+        programs, waves, launches = blocks, 1, 1
+    else:
+        spans = plan.span(p.S)[1]
+        counts = [count for _, count in plan.waves(p)]
+        second = sum(max(0.0, 1 - budget / (c * block_read)) * c * block_read for c in counts)
+        programs, waves, launches = max(counts) * spans, len(counts), 2 * len(counts)
+    launches += direction == "bwd"  # the dweight/dbias reduction
+    hbm = (floor + second) * sector_waste
+    from_l2 = (tensor * reads - second) * sector_waste
+    saturation = min(1.0, programs / (PROGRAMS_PER_SM_TO_SATURATE * device.sms))
+    gpu_us = (hbm + from_l2 / L2_OVER_HBM) / (device.copy_gbps * 1e3 * saturation)
+    return Prediction(floor, hbm, launches, programs, waves, gpu_us, launches * device.launch_us)
