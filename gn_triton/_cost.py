@@ -113,6 +113,15 @@ def tensors_read(direction: str) -> int:
     return 1 if direction == "fwd" else 2  # forward reads x; backward reads x and dy
 
 
+# Activation-sized transfers no implementation can avoid: forward x, y; backward x, dy, dx; both.
+FLOOR_TRANSFERS = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
+
+
+def floor_bytes(mode: str, numel: int, elem_size: int) -> int:
+    """The floor bytes of a call: every activation-sized tensor read once and written once."""
+    return numel * elem_size * FLOOR_TRANSFERS[mode]
+
+
 def programs_per_sm(block_c: int, block_s: int, num_warps: int) -> int:
     """Resident programs per SM: at most 64 warps, and a rough register count of the tile (about
     four registers per tile element a thread holds, plus 40)."""
@@ -126,7 +135,7 @@ def predict(direction: str, p, plan, device: DeviceModel) -> Prediction:
     plan = plan.fit(p)
     reads = tensors_read(direction)
     tensor = p.N * p.C * p.S * p.elem_size
-    floor = tensor * (reads + 1)
+    floor = floor_bytes(direction, p.N * p.C * p.S, p.elem_size)
     groups = min(plan.groups_per_program, p.G)
     sector_waste = 1.0
     if p.channels_last:

@@ -64,7 +64,10 @@ from pathlib import Path
 
 import torch
 
-from .rows import SWEEP_COLUMNS, RowFile
+from gn_triton._cost import floor_bytes
+
+from .measure import DTYPES, Point, Timer, copy_bandwidth, git_commit, make_call, make_inputs, run_columns, run_points
+from .rows import COLUMNS, RowFile
 from .suites import SUITES, Shape
 
 MAX_FILES = 8
@@ -146,7 +149,7 @@ class Context:
     rehearse: bool
     rep_ms: int
     copy_gbps: float = float("nan")
-    meta: dict = field(default_factory=dict)  # sweep rows' run-level columns
+    run: dict = field(default_factory=dict)  # sweep rows' run-level columns (perf.measure.run_columns)
     timer: object = None
 
 
@@ -193,8 +196,6 @@ def stage_env(ev: Evidence, ctx: Context, clock: Clock) -> str:
 
     import gn_triton
 
-    from .sweep import Timer, copy_bandwidth, git_commit
-
     env = dict(python=sys.version.split()[0], torch=torch.__version__, triton=triton.__version__,
                gn_triton=gn_triton.__version__, commit=git_commit(), platform=platform.platform(),
                cpu_count=os.cpu_count(), device=ctx.device)  # fmt: skip
@@ -215,9 +216,7 @@ def stage_env(ev: Evidence, ctx: Context, clock: Clock) -> str:
     env["copy_gbps"] = round(ctx.copy_gbps, 1)
     with _autotune(False):
         env.update(_launch_costs(ctx))
-    ctx.meta = dict(run_kind="gpu-performance" if ctx.device == "cuda" else "cpu-functional", device=env["gpu"],
-                    sm_count=env["sm_count"], copy_gbps=env["copy_gbps"], torch=env["torch"], triton=env["triton"],
-                    gn_triton=env["gn_triton"], commit=env["commit"], timestamp=_now(), activation="none")  # fmt: skip
+    ctx.run = run_columns(ctx.device, env["gpu"], ctx.copy_gbps, stage="")
     ev.save()
     return f"{env['gpu']}: copy {env['copy_gbps']} GB/s, gn_triton tiny call {env['gn_triton_call_us']:.1f} us"
 
@@ -285,7 +284,7 @@ class Case:
         return "+".join(parts) or "none"
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+CASE_DTYPES = {**DTYPES, "fp64": torch.float64}
 
 
 def correctness_cases(rehearse: bool) -> list[Case]:
@@ -326,7 +325,7 @@ def correctness_cases(rehearse: bool) -> list[Case]:
 
 def _case_inputs(case: Case, device: str) -> dict:
     """Fresh random inputs, mean-shifted (never zeros), in the case's layout."""
-    dtype = DTYPES[case.dtype]
+    dtype = CASE_DTYPES[case.dtype]
     N, C = case.shape[:2]
     x = (torch.randn(case.shape, dtype=torch.float64, device=device) * 2 + 3).to(dtype)
     if case.layout == "channels_last":
@@ -383,7 +382,7 @@ def check_case(case: Case, device: str) -> list[dict]:
     inputs = _case_inputs(case, device)
     ours = _ours(case, inputs)
     ref = _forward_backward(group_norm_reference, case, inputs, dtype=torch.float64)
-    dtype = DTYPES[case.dtype]
+    dtype = CASE_DTYPES[case.dtype]
     torch_err = {}
     if dtype in (torch.float16, torch.bfloat16):
         theirs = _torch_own(case, inputs)
@@ -483,16 +482,6 @@ def warm_correctness(ctx: Context) -> list[Callable]:
 # Stages 3 and 8: throughput rows in the sweep's schema
 
 
-@dataclass(frozen=True)
-class Point:
-    shape: Shape
-    N: int
-    mode: str
-    dtype: str = "bf16"
-    layout: str = "contiguous"
-    activation: str | None = None
-
-
 def core_points(rehearse: bool) -> list[Point]:
     from .suites import FUNCTIONAL_SUITES
 
@@ -531,47 +520,12 @@ def _providers(ctx: Context, activation: str | None) -> list:
 
 
 def measure_points(ev: Evidence, ctx: Context, clock: Clock, stage: str, points: list[Point]) -> str:
-    """Check, then time, each provider at each point; one sweep row each, written as measured. gn_triton
-    runs its heuristic plan (the autotuner's picks are stage 4's business)."""
-    from .sweep import DTYPES as SWEEP_DTYPES
-    from .sweep import floor_bytes, make_call, make_inputs, measure
-
-    out = ev.rows("sweep.csv", SWEEP_COLUMNS)
-    timed = 0
+    """perf.measure's runner over the points, rows to sweep.csv as measured; gn_triton runs its
+    heuristic plan (the autotuner's picks are stage 4's business)."""
+    run = dict(ctx.run, stage=stage)
     with _autotune(False):
-        for point in points:
-            if clock.expired():
-                break
-            dtype = SWEEP_DTYPES[point.dtype]
-            numel = math.prod(point.shape.full(point.N))
-            copies = max(1, min(4, (64 << 20) // (numel * dtype.itemsize * 2))) if ctx.device == "cuda" else 1
-            try:
-                inputs = make_inputs(point.shape, point.N, dtype, point.layout, ctx.device, copies)
-                reason = "channels_last needs 4-D or 5-D input" if inputs is None else ""
-            except torch.cuda.OutOfMemoryError:
-                inputs, reason = None, "out of GPU memory"
-                _free(ctx)
-            for prov in _providers(ctx, point.activation):
-                if clock.expired():
-                    break
-                row = dict(ctx.meta, stage=stage, activation=point.activation or "none", provider=prov.name,
-                           mode=point.mode, dtype=point.dtype, layout=point.layout, suite=point.shape.suite,
-                           shape=point.shape.label, N=point.N, C=point.shape.C,
-                           spatial="x".join(map(str, point.shape.spatial)), G=point.shape.G,
-                           floor_bytes=floor_bytes(point.mode, numel, dtype.itemsize))  # fmt: skip
-                why = reason or prov.unsupported(inputs[0][0])
-                if why:
-                    out.write(dict(row, status=f"skipped: {why}"))
-                    continue
-                try:
-                    row["first_call_s"] = _timed(ctx, make_call(prov, inputs[:1], point.shape.G, point.mode))
-                except Exception as exc:  # measure() reports it with the row
-                    row["first_call_s"] = f"error: {type(exc).__name__}"[:60]
-                out.write(measure(row, prov, inputs, point.shape, point.mode, ctx.timer, ctx.device == "cuda",
-                                  ctx.copy_gbps, point.activation))  # fmt: skip
-                timed += 1
-            del inputs
-            _free(ctx)
+        timed = run_points(points, lambda activation: _providers(ctx, activation), ev.rows("sweep.csv", COLUMNS),
+                           run, ctx.timer, ctx.copy_gbps, expired=clock.expired)  # fmt: skip
     return f"{timed} provider measurements"
 
 
@@ -585,11 +539,9 @@ def stage_broad(ev: Evidence, ctx: Context, clock: Clock) -> str:
 
 def _warm_points(ctx: Context, points: list[Point]) -> list[Callable]:
     """gn_triton's and torch.compile's first calls at each point (the compilations)."""
-    from .sweep import DTYPES as SWEEP_DTYPES
-    from .sweep import make_call, make_inputs
 
     def warm(point: Point) -> None:
-        inputs = make_inputs(point.shape, point.N, SWEEP_DTYPES[point.dtype], point.layout, ctx.device, 1)
+        inputs = make_inputs(point.shape, point.N, DTYPES[point.dtype], point.layout, ctx.device, 1)
         if inputs is None:
             return
         with _autotune(False):
@@ -626,8 +578,6 @@ def _calibration_runs(ctx: Context, shape: Shape, N: int, direction: str, layout
     from gn_triton import _tuning
     from gn_triton._tuning import Problem
 
-    from .sweep import make_inputs
-
     dtype = torch.bfloat16 if ctx.device == "cuda" else torch.float32
     (x, w, b, dy), *_ = make_inputs(shape, N, dtype, layout, ctx.device, 1)
     problem = Problem(N, shape.C, math.prod(shape.spatial), shape.G, dtype, layout == "channels_last", True, True)
@@ -663,8 +613,6 @@ def calibrate(ctx: Context, clock: Clock, out: RowFile, shape: Shape, N: int, di
     """Rows for one problem: the heuristic plan, then the other candidates, then (GPU) the autotuner's
     own pick over all its candidates, timed as it runs. Returns the number of plans timed."""
     from gn_triton import _tuning
-
-    from .sweep import floor_bytes
 
     with _autotune(False):
         problem, plans, call = _calibration_runs(ctx, shape, N, direction, layout)
@@ -783,8 +731,6 @@ def parse_ncu_csv(text: str) -> list[dict]:
 
 
 def stage_traffic(ev: Evidence, ctx: Context, clock: Clock) -> str:
-    from .sweep import floor_bytes
-
     out = ev.rows("traffic.csv", TRAFFIC_COLUMNS)
     ncu = shutil.which("ncu")
     if ctx.device != "cuda" or ncu is None:

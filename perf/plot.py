@@ -9,13 +9,14 @@ same run; and the speedup of gn_triton over each peer.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt  # headless machines get a non-GUI backend by themselves
 import pandas as pd
+
+from .rows import load_run
 
 COLORS = {"gn_triton": "C3", "torch_eager": "C0", "torch_compile": "C2", "liger": "C1", "apex_nhwc": "C4"}
 
@@ -92,10 +93,9 @@ def plot_all(df: pd.DataFrame, meta: dict, out: Path) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    csv = Path((argv or sys.argv[1:])[0])
-    df = pd.read_csv(csv)
-    meta = json.loads((csv.parent / "run.json").read_text())
-    for path in plot_all(df, meta, csv.parent):
+    folder = Path((argv or sys.argv[1:])[0]).parent
+    meta, df = load_run(folder)
+    for path in plot_all(df, meta, folder):
         print(path)
     return 0
 

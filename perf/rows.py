@@ -1,30 +1,72 @@
-"""CSV files written row by row: a run killed at any moment keeps every row it measured.
+"""The throughput row (typed), CSV files written row by row, and the one loader of a run's results.
 
-The sweep and the GPU evidence run share the sweep's row schema (SWEEP_COLUMNS), so the summary and
-plot steps read either.
+The sweep and the GPU evidence run write the same Row to sweep.csv; a kill at any moment keeps every
+row already measured. A sweep appends to its CSV (each run's rows carry its run_id); readers take
+the latest run unless told otherwise.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
-# One row per (provider, configuration) of a throughput measurement; absent values stay empty.
-SWEEP_COLUMNS = [
-    "stage", "run_kind", "device", "sm_count", "copy_gbps", "torch", "triton", "gn_triton", "commit", "timestamp",
-    "activation", "provider", "mode", "dtype", "layout", "suite", "shape", "N", "C", "spatial", "G", "floor_bytes",
-    "status", "check_error", "ms", "ms_p20", "ms_p80", "timer", "gbps", "pct_copy_bw", "samples_per_s",
-    "first_call_s",
-]  # fmt: skip
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class Row:
+    """One provider at one point (shape, batch, mode, dtype, layout, activation) of a run."""
+
+    # the run
+    run_id: str = ""
+    stage: str = ""  # "sweep", or the evidence run's stage ("core", "broad")
+    run_kind: str = ""  # "gpu-performance" or "cpu-functional"
+    device: str = ""
+    sm_count: int = 0
+    copy_gbps: float = 0.0  # measured in the same run
+    torch: str = ""
+    triton: str = ""
+    gn_triton: str = ""
+    commit: str = ""
+    timestamp: str = ""
+    # the point
+    activation: str = "none"
+    provider: str = ""
+    mode: str = ""  # fwd, bwd, fwd+bwd
+    dtype: str = ""
+    layout: str = ""
+    suite: str = ""
+    shape: str = ""
+    N: int = 0
+    C: int = 0
+    spatial: str = ""
+    G: int = 0
+    floor_bytes: int = 0
+    # the outcome
+    status: str = ""  # ok, skipped: ..., wrong: ..., error: ...
+    check_error: float | None = None  # max error / max |float64 reference|
+    ms: float | None = None  # median; p20 and p80 beside it
+    ms_p20: float | None = None
+    ms_p80: float | None = None
+    timer: str = ""
+    gbps: float | None = None  # floor bytes per second
+    pct_copy_bw: float | None = None
+    samples_per_s: float | None = None
+    first_call_s: float | str | None = None  # the first call, compilation included
+
+
+COLUMNS = [f.name for f in dataclasses.fields(Row)]
 
 
 class RowFile:
-    """Appends dict rows to a CSV with fixed columns, flushed after every row (a kill -9 loses
-    nothing written). The header is written when the file is new or empty."""
+    """Appends rows (a Row or a dict of the file's columns) to a CSV, flushed after every row (a
+    kill -9 loses nothing written). The header is written when the file is new or empty."""
 
-    def __init__(self, path: Path, columns: list[str]):
+    def __init__(self, path: Path, columns: list[str] = COLUMNS):
         self.path = Path(path)
-        self.columns = columns
         self.count = 0
         new = not self.path.exists() or self.path.stat().st_size == 0
         self._file = self.path.open("a", newline="")
@@ -33,8 +75,9 @@ class RowFile:
             self._writer.writeheader()
             self._file.flush()
 
-    def write(self, row: dict) -> None:
-        self._writer.writerow({k: _cell(v) for k, v in row.items()})
+    def write(self, row: Row | dict) -> None:
+        values = dataclasses.asdict(row) if isinstance(row, Row) else row
+        self._writer.writerow({k: _cell(v) for k, v in values.items()})
         self._file.flush()
         self.count += 1
 
@@ -44,3 +87,13 @@ class RowFile:
 
 def _cell(value):
     return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def load_run(folder: Path, all_runs: bool = False) -> tuple[dict, pd.DataFrame]:
+    """(run.json, sweep.csv rows) of a results folder: the latest run's rows unless all_runs."""
+    folder = Path(folder)
+    meta = json.loads((folder / "run.json").read_text())
+    df = pd.read_csv(folder / "sweep.csv")
+    if not all_runs and "run_id" in df and df["run_id"].nunique() > 1:
+        df = df[df["run_id"] == df["run_id"].iloc[-1]]
+    return meta, df

@@ -10,13 +10,15 @@ for tensors >= 16 MB) are checked and every miss is listed.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from gn_triton._cost import FLOOR_TRANSFERS
+
+from .rows import load_run
 from .suites import DEFAULT_SUITES, SUITES
 
 TARGET_PCT = {"fwd": 80.0, "bwd": 70.0}
@@ -52,7 +54,7 @@ def speedups(df: pd.DataFrame) -> pd.DataFrame:
 def target_misses(df: pd.DataFrame) -> pd.DataFrame:
     ok = _ok(df)
     mine = ok[(ok["provider"] == "gn_triton") & ok["mode"].isin(list(TARGET_PCT))]
-    big = mine[mine["floor_bytes"] / mine["mode"].map({"fwd": 2, "bwd": 3}) >= TARGET_MIN_BYTES]
+    big = mine[mine["floor_bytes"] / mine["mode"].map(FLOOR_TRANSFERS) >= TARGET_MIN_BYTES]  # tensor bytes
     miss = big[big["pct_copy_bw"] < big["mode"].map(TARGET_PCT)]
     return miss[["mode", "dtype", "layout", "shape", "N", "ms", "gbps", "pct_copy_bw"]]
 
@@ -156,12 +158,11 @@ def write_functional_summary(df: pd.DataFrame, meta: dict, path: Path) -> str:
 
 
 def main(argv=None) -> int:
-    csv = Path((argv or sys.argv[1:])[0])
-    df = pd.read_csv(csv)
-    meta = json.loads((csv.parent / "run.json").read_text())
+    folder = Path((argv or sys.argv[1:])[0]).parent
+    meta, df = load_run(folder)
     print(console_table(df))
-    write_summary(df, meta, csv.parent / "SUMMARY.md")
-    print(f"wrote {csv.parent / 'SUMMARY.md'}")
+    write_summary(df, meta, folder / "SUMMARY.md")
+    print(f"wrote {folder / 'SUMMARY.md'}")
     return 0
 
 

@@ -11,8 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from gn_triton._cost import floor_bytes
 from perf import plot, summary
-from perf.sweep import custom_shape, floor_bytes
+from perf.rows import COLUMNS, Row, RowFile, load_run
+from perf.sweep import custom_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,3 +93,17 @@ def test_plots_from_csv(tmp_path):
     paths = plot.plot_all(df, meta, tmp_path)
     assert [p.name for p in paths] == ["throughput_fwd_bf16_contiguous.png", "speedup.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+def test_rows_append_per_run_and_readers_take_the_latest(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps(dict(device="x")))
+    for run_id, n in (("2026-01-01", 2), ("2026-01-02", 1)):
+        rows = RowFile(tmp_path / "sweep.csv")  # a new run appends, header once
+        for N in range(n):
+            rows.write(Row(run_id=run_id, provider="gn_triton", N=N + 1, status="ok", ms=1.5))
+        rows.close()
+    assert (tmp_path / "sweep.csv").read_text().count("run_id") == 1
+    meta, latest = load_run(tmp_path)
+    assert meta == {"device": "x"} and list(latest["run_id"]) == ["2026-01-02"]
+    assert len(load_run(tmp_path, all_runs=True)[1]) == 3
+    assert list(latest.columns) == COLUMNS
