@@ -4,6 +4,7 @@
     y = gn_triton.group_norm(x, num_groups=32, weight=w, bias=b)   # like F.group_norm
     norm = gn_triton.GroupNorm(32, 320)                            # like nn.GroupNorm
     model = gn_triton.convert_model(model, activation_fusion=True)  # every nn.GroupNorm, in place
+    gn_triton.enable_compile_fusion()  # torch.compile: GroupNorm (+ scale-shift, SiLU/GELU) as gn_triton's op
 
 Importing touches no GPU.
 """
@@ -13,4 +14,21 @@ from .functional import group_norm
 from .modules import GroupNorm, convert_model, revert_model
 
 __version__ = "0.1.0"
-__all__ = ["GroupNorm", "convert_model", "group_norm", "revert_model", "__version__"]
+__all__ = [
+    "GroupNorm",
+    "convert_model",
+    "disable_compile_fusion",
+    "enable_compile_fusion",
+    "group_norm",
+    "revert_model",
+    "__version__",
+]
+
+
+def __getattr__(name: str):
+    # The torch.compile switches import torch._inductor (~1.5 s): only when first used.
+    if name in ("enable_compile_fusion", "disable_compile_fusion"):
+        from . import compile_fusion
+
+        return getattr(compile_fusion, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,6 +3,10 @@ graph breaks.
 
 Each op has a fake (meta) implementation that allocates on the input's device with the real op's
 shapes, dtypes and memory format.
+
+Both ops are tagged flexible_layout: they read any strides (channels_last natively), so Inductor
+passes its own layout (e.g. the channels_last output of a convolution it chose) instead of copying
+the activation into the strides of the eager trace first.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import torch
 from . import _launch
 from ._launch import Affine
 
+_FLEXIBLE = (torch.Tag.flexible_layout,)
 
-@torch.library.custom_op("gn_triton::group_norm_fwd", mutates_args=())
+
+@torch.library.custom_op("gn_triton::group_norm_fwd", mutates_args=(), tags=_FLEXIBLE)
 def group_norm_fwd(
     input: torch.Tensor,
     weight: torch.Tensor | None,
@@ -35,7 +41,7 @@ def _(input, weight, bias, num_groups, eps, activation=None, scale=None, shift=N
     return _launch.empty_outputs(input, num_groups)
 
 
-@torch.library.custom_op("gn_triton::group_norm_bwd", mutates_args=())
+@torch.library.custom_op("gn_triton::group_norm_bwd", mutates_args=(), tags=_FLEXIBLE)
 def group_norm_bwd(
     grad_out: torch.Tensor,
     input: torch.Tensor,
