@@ -29,7 +29,8 @@ itself with the line "stopped at budget after stage K" and exit status 0.
                  autotuner's pick
   5 traffic      DRAM bytes measured by ncu / floor bytes, fused vs split-in-waves plans
   6 sanitizer    compute-sanitizer memcheck over small cases of every kernel
-  7 models       diffusers U-Net/VAE forward+backward (perf.model_bench; needs carried wheels)
+  7 models       diffusers U-Net/VAE forward+backward at batch 1: torch, gn_triton, torch.compile and
+                 torch.compile with gn_triton's fusion (perf.model_bench; needs carried wheels)
   8 broad        the other suites, fused SiLU, fp16/fp32, row by row until the budget ends
 
 Before stages 2-4 and 8 on a GPU, worker processes run the stage's gn_triton calls once, in
@@ -805,7 +806,10 @@ def stage_sanitizer(ev: Evidence, ctx: Context, clock: Clock) -> str:
 def stage_models(ev: Evidence, ctx: Context, clock: Clock) -> str:
     if ctx.device != "cuda":
         return "skipped: rehearsal (model_bench needs a GPU)"
-    return _subprocess_stage(ev, clock, [sys.executable, "-m", "perf.model_bench", "--out", str(ev.out)], None)
+    # Batch 1 only: each compiled provider compiles a whole U-Net and VAE forward+backward (minutes on a
+    # bare machine); model_bench rewrites its CSV after every model and batch, so a kill keeps the rest.
+    cmd = [sys.executable, "-m", "perf.model_bench", "--out", str(ev.out), "--batch", "1"]
+    return _subprocess_stage(ev, clock, cmd, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -864,8 +868,8 @@ STAGES = [
     Stage("calibration", 0.12, stage_calibration, warm=True),
     Stage("traffic", 0.07, stage_traffic),
     Stage("sanitizer", 0.07, stage_sanitizer),
-    Stage("models", 0.08, stage_models),
-    Stage("broad", 0.10, stage_broad, warm=True),
+    Stage("models", 0.12, stage_models),
+    Stage("broad", 0.06, stage_broad, warm=True),
 ]
 
 
