@@ -443,29 +443,21 @@ def check_big_group(device: str) -> list[dict]:
 
 def stage_correctness(ev: Evidence, ctx: Context, clock: Clock) -> str:
     out = ev.rows("correctness.csv", CORRECTNESS_COLUMNS)
+    checks = [(dict(case=c.name, path=c.path, layout=c.layout, dtype=c.dtype, epilogue=c.epilogue,
+                    shape="x".join(map(str, c.shape)), G=c.G), lambda c=c: check_case(c, ctx.device))
+              for c in correctness_cases(ctx.rehearse)]  # fmt: skip
+    if ctx.device == "cuda":
+        big = dict(case="big-group", path="heuristic", layout="contiguous", dtype="bf16", epilogue="none",
+                   shape=f"1x8x{(1 << 28) + 3}", G=1)  # fmt: skip
+        checks.append((big, lambda: check_big_group(ctx.device)))
     failed = done = 0
-    for case in correctness_cases(ctx.rehearse):
+    for base, check in checks:
         if clock.expired():
             break
         start = time.monotonic()
-        base = dict(case=case.name, path=case.path, layout=case.layout, dtype=case.dtype, epilogue=case.epilogue,
-                    shape="x".join(map(str, case.shape)), G=case.G)  # fmt: skip
         try:
-            rows = check_case(case, ctx.device)
+            rows = check()
         except Exception as exc:  # a crash is a result to bring back, not the end of the run
-            rows = [dict(output="all", status=f"error: {type(exc).__name__}: {str(exc)[:300]}")]
-        for row in rows:
-            out.write(dict(base, **row, seconds=round(time.monotonic() - start, 2)))
-        failed += any(r["status"] != "ok" for r in rows)
-        done += 1
-        _free(ctx)
-    if ctx.device == "cuda" and not clock.expired():
-        start = time.monotonic()
-        base = dict(case="big-group", path="heuristic", layout="contiguous", dtype="bf16", epilogue="none",
-                    shape=f"1x8x{(1 << 28) + 3}", G=1)  # fmt: skip
-        try:
-            rows = check_big_group(ctx.device)
-        except Exception as exc:
             rows = [dict(output="all", status=f"error: {type(exc).__name__}: {str(exc)[:300]}")]
         for row in rows:
             out.write(dict(base, **row, seconds=round(time.monotonic() - start, 2)))
