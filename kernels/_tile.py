@@ -247,7 +247,17 @@ def channel_grad_sums(
             g *= activation_grad(xc * a_c[:, None] + b_c[:, None], ACTIVATION)
         sum_g += tl.sum(g, axis=1)
         sum_g_xc += tl.sum(g * xc, axis=1)
-    return sum_g, sum_g_xc
+    # The loop's results go through one op each (a no-op: masked channels sum to 0) before any use:
+    # triton 3.6's OptimizeThreadLocality pass, which rewrites `sum_g`'s reduction of a raw load,
+    # asserts that the loop result has a single user, and the fused backward both stores and weights it.
+    return tl.where(c_mask, sum_g, 0.0), tl.where(c_mask, sum_g_xc, 0.0)
+
+
+@triton.jit
+def group_size(Cg, S, ACC: tl.constexpr):
+    """Cg*S, the number of elements of a group, in ACC. Formed in int64: a group can hold 2^31
+    elements or more (G = 1 on a tensor that large), where Cg*S in int32 wraps around."""
+    return (tl.cast(Cg, tl.int64) * S).to(ACC)
 
 
 @triton.jit

@@ -27,6 +27,7 @@ from ._tile import (
     effective_weight,
     group_block,
     group_membership,
+    group_size,
     to_channels,
     to_groups,
 )
@@ -93,7 +94,7 @@ def _gn_bwd_fused_kernel(
         sum_g_dy_xc += to_groups(member, sum_dy_xc)
 
     if NEEDS_DX:
-        coef_x, coef_1 = dx_coefficients(sum_g_dy, sum_g_dy_xc, mean_lo, rstd, Cg * S)
+        coef_x, coef_1 = dx_coefficients(sum_g_dy, sum_g_dy_xc, mean_lo, rstd, group_size(Cg, S, ACC))
         dx_span(
             x_sample, dy_sample, DX + n.to(tl.int64) * C * S, W, B, scale_n, shift_n, mean_hi, mean_lo, rstd,
             coef_x, coef_1, c_begin, c_end, 0, S, C, S, Cg, R, BLOCK_C, BLOCK_S, HAS_WEIGHT, HAS_BIAS, HAS_SCALE,
@@ -122,7 +123,7 @@ def _gn_bwd_partial_sums_kernel(
     n, c_begin, c_end, g, g_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
     s_begin = j * span
-    s_end = tl.minimum(s_begin + span, S)
+    s_end = s_begin + tl.minimum(span, S - s_begin)  # s_begin + span may pass 2^31
     x_sample = X + n.to(tl.int64) * C * S
     dy_sample = DY + n.to(tl.int64) * C * S
     mean_hi, mean_lo, rstd = _load_stats(Mean, MeanLo, Rstd, n, G, g, g_mask)
@@ -187,9 +188,9 @@ def _gn_bwd_split_dx_kernel(
         sum_g_dy += to_groups(member, sum_dy)
         sum_g_dy_xc += to_groups(member, sum_dy_xc)
 
-    coef_x, coef_1 = dx_coefficients(sum_g_dy, sum_g_dy_xc, mean_lo, rstd, Cg * S)
+    coef_x, coef_1 = dx_coefficients(sum_g_dy, sum_g_dy_xc, mean_lo, rstd, group_size(Cg, S, ACC))
     s_begin = j * span
-    s_end = tl.minimum(s_begin + span, S)
+    s_end = s_begin + tl.minimum(span, S - s_begin)  # s_begin + span may pass 2^31
     dx_span(
         X + n.to(tl.int64) * C * S, DY + n.to(tl.int64) * C * S, DX + n.to(tl.int64) * C * S, W, B,
         Scale + n * C, Shift + n * C, mean_hi, mean_lo, rstd, coef_x, coef_1, c_begin, c_end, s_begin, s_end,

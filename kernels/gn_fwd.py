@@ -72,7 +72,7 @@ def _gn_fwd_partial_stats_kernel(
     n, c_begin, c_end, g, g_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
     s_begin = j * span
-    s_end = tl.minimum(s_begin + span, S)
+    s_end = s_begin + tl.minimum(span, S - s_begin)  # s_begin + span may pass 2^31
     x_sample = X + n.to(tl.int64) * C * S
 
     shift = load_shift(x_sample, c_begin, c_end, Cg, C, S, R, CHANNELS_LAST, ACC)
@@ -137,7 +137,7 @@ def _gn_fwd_split_apply_kernel(
         tl.store(MeanLo + stat, mean_lo, mask=g_mask)
         tl.store(Rstd + stat, rstd, mask=g_mask)
     s_begin = j * span
-    s_end = tl.minimum(s_begin + span, S)
+    s_end = s_begin + tl.minimum(span, S - s_begin)  # s_begin + span may pass 2^31
     normalize_span(
         x_sample, y_sample, W, B, Scale + n * C, Shift + n * C, mean_hi, mean_lo, rstd, c_begin, c_end,
         s_begin, s_end, C, S, Cg, R, BLOCK_C, BLOCK_S, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, ACTIVATION,
