@@ -1,13 +1,14 @@
 """Static kernel report: compile gn_triton's kernels ahead of time for NVIDIA GPUs, no GPU needed.
 
     python -m perf.static_report            # every kernel of every plan the autotuner can pick
-    python -m perf.static_report --quick    # one plan per path and dtype/layout (the test suite)
+    python -m perf.static_report --quick    # the heuristic plans and the largest tiles (the test suite)
+    make static-report TRITON_SPEC=triton==3.6.0 STATIC_ARGS=--quick   # under another triton
 
 For each kernel and config it compiles a cubin for sm_80 and sm_90 with the same divisibility-by-16
 specialisation the runtime applies to aligned pointers and sizes, and reads with the cuobjdump that
-ships in the triton wheel: registers, local-memory (spill) bytes, shared memory, and the widest
-global load of the kernel (LDG.E.128 = 128-bit, vectorised). It must run without TRITON_INTERPRET:
-the interpreter replaces the kernels with Python.
+ships in the triton wheel: registers, local-memory (spill) bytes, shared memory, the widest global
+load of the kernel (LDG.E.128 = 128-bit, vectorised) and the number of global loads. It must run
+without TRITON_INTERPRET: the interpreter replaces the kernels with Python.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from gn_triton import _launch, _tuning, kernels
+from gn_triton import _cost, _launch, _tuning, kernels
 from gn_triton._tuning import Plan, Problem
 
 ARCHS = (80, 90)
-H100 = (132, 50 << 20)  # SM count and L2 bytes the planner is asked to plan for
 
 # Problems whose candidate plans span what the autotuner can pick: batch 1 and 32 of SD/VAE-like
 # shapes, a tiny-row shape, NCHW and NHWC, 16- and 32-bit.
@@ -42,7 +42,7 @@ SUITE = [
     (1, 128, 256 * 256, 32),
     (64, 256, 7 * 7, 32),
 ]
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # planned for; fp64 added below
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 TL_DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32", "fp64": "*fp64"}
 
 
@@ -82,47 +82,65 @@ def _specs_for_plan(
     return specs
 
 
+def _tile_elems(spec: Spec) -> tuple[int, int]:
+    """(tile elements, elements per thread): the larger, the more registers a spec needs."""
+    c = dict(spec.constexprs)
+    elems = c.get("BLOCK_C", 1) * c.get("BLOCK_S", 1)
+    return elems, elems // (32 * spec.num_warps)
+
+
+def _with(spec: Spec, **constexprs) -> Spec:
+    return dataclasses.replace(spec, constexprs=tuple(sorted({**dict(spec.constexprs), **constexprs}.items())))
+
+
 def all_specs(quick: bool) -> list[Spec]:
-    """The specs of every plan the autotuner can pick for SUITE (quick: one plan per path)."""
-    _tuning.device_info.cache_clear()
-    real_info = _tuning.device_info
-    _tuning.device_info = lambda device: H100
-    try:
-        specs: dict[Spec, None] = {}
-        for dtype, torch_dtype in DTYPES.items():
-            for channels_last in (False, True):
-                for N, C, S, G in SUITE:
-                    p = Problem(N, C, S, G, torch_dtype, channels_last, True, True)
-                    for direction in ("fwd", "bwd"):
-                        device = torch.device("cuda")
-                        plans = (
-                            [_tuning.heuristic_plan(direction, p, device)]
-                            if quick
-                            else _tuning.candidate_plans(direction, p, device)
-                        )
-                        aligned = C % 16 == 0 and S % 16 == 0
-                        for plan in plans:
-                            specs.update(dict.fromkeys(_specs_for_plan(dtype, channels_last, plan, aligned)))
-                if quick and dtype != "fp16":
-                    break  # one layout is enough for the other dtypes in quick mode
-        # Tensors over 2^31 elements (int64 offsets), fp64 (fp64 statistics) and fused activations,
-        # on the default plans.
-        p = Problem(*SUITE[0], torch.float16, False, True, True)
-        for direction in ("fwd", "bwd"):
-            plan = _tuning.heuristic_plan(direction, p, torch.device("cuda"))
-            for spec in _specs_for_plan("fp16", False, plan, True):
-                index_64 = tuple(sorted({**dict(spec.constexprs), "INDEX_64": True}.items()))
-                specs[dataclasses.replace(spec, constexprs=index_64)] = None
-                specs[dataclasses.replace(spec, dtype="fp64")] = None
-            for activation in (1, 2, 3):  # the fused SiLU / GELU / GELU-tanh epilogues, with scale-shift
-                specs.update(dict.fromkeys(_specs_for_plan("bf16", False, plan, True, activation, activation == 1)))
+    """The specs of every plan the autotuner can pick for SUITE (it times `candidate_plans`; quick:
+    the heuristic plans), and in both modes the largest tile of every kernel in every dtype and
+    layout anywhere in the plan space (GN_TRITON_TUNE_CANDIDATES=all times them all): the specs a
+    compiler is most likely to reject (triton 3.6 rejected large fused-backward tiles) or spill on."""
+    device = _cost.known_device("h100")  # plans for an H100, as on the GPU machines
+    heuristic: dict[Spec, None] = {}
+    candidates: dict[Spec, None] = {}
+    largest: dict[tuple, Spec] = {}
+    for dtype, torch_dtype in DTYPES.items():
+        for channels_last in (False, True):
+            for N, C, S, G in SUITE:
+                p = Problem(N, C, S, G, torch_dtype, channels_last, True, True)
+                aligned = C % 16 == 0 and S % 16 == 0
+                for direction in ("fwd", "bwd"):
+                    plan = _tuning.heuristic_plan(direction, p, device)
+                    heuristic.update(dict.fromkeys(_specs_for_plan(dtype, channels_last, plan, aligned)))
+                    for plan in _tuning.candidate_plans(direction, p, device):
+                        candidates.update(dict.fromkeys(_specs_for_plan(dtype, channels_last, plan, aligned)))
+                    for plan in _tuning.plan_space(direction, p, device):
+                        for spec in _specs_for_plan(dtype, channels_last, plan, aligned):
+                            key = (spec.kernel, spec.dtype, spec.channels_last)
+                            if key not in largest or _tile_elems(spec) > _tile_elems(largest[key]):
+                                largest[key] = spec
+    if quick:  # heuristic plans: fp16 in both layouts, the other dtypes in one
+        specs = {s: None for s in heuristic if s.dtype == "fp16" or not s.channels_last}
+    else:  # fp64 (gradcheck, references) is no speed target: its heuristic plans and largest tiles
+        specs = {s: None for s in candidates if s.dtype != "fp64"} | heuristic
+    specs.update(dict.fromkeys(largest.values()))
+    for spec in largest.values():  # the fused backward without dx, or without the partials
+        if spec.kernel == "_gn_bwd_fused_kernel":
+            specs[_with(spec, NEEDS_DX=False)] = None
+            specs[_with(spec, NEEDS_PARTIALS=False)] = None
+    # Tensors over 2^31 elements (int64 offsets) and fused activations, on the default plans.
+    p = Problem(*SUITE[0], torch.float16, False, True, True)
+    for direction in ("fwd", "bwd"):
+        plan = _tuning.heuristic_plan(direction, p, device)
+        for spec in _specs_for_plan("fp16", False, plan, True):
+            specs[_with(spec, INDEX_64=True)] = None
+        for activation in (1, 2, 3):  # the fused SiLU / GELU / GELU-tanh epilogues, with scale-shift
+            specs.update(dict.fromkeys(_specs_for_plan("bf16", False, plan, True, activation, activation == 1)))
+    # The small parameter-gradient kernels, in each parameter dtype (fp64 statistics for fp64).
+    for dtype in TL_DTYPES:
         dparams = dict(BLOCK_N=16, BLOCK_C=128, HAS_SCALE=True, NEEDS_DW=True, NEEDS_DB=True)
-        specs[Spec("_gn_bwd_dparams_kernel", "fp32", False, tuple(sorted(dparams.items())), 4, True)] = None
+        specs[Spec("_gn_bwd_dparams_kernel", dtype, False, tuple(sorted(dparams.items())), 4, True)] = None
         dmod = dict(BLOCK_C=128, HAS_WEIGHT=True, HAS_BIAS=True, NEEDS_DSCALE=True, NEEDS_DSHIFT=True)
-        specs[Spec("_gn_bwd_dscale_shift_kernel", "fp32", False, tuple(sorted(dmod.items())), 4, True)] = None
-        return list(specs)
-    finally:
-        _tuning.device_info = real_info
+        specs[Spec("_gn_bwd_dscale_shift_kernel", dtype, False, tuple(sorted(dmod.items())), 4, True)] = None
+    return list(specs)
 
 
 def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
@@ -138,8 +156,7 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
             signature[name] = "constexpr"
             continue
         if name in ("X", "Y", "DY", "DX", "W", "B", "DW", "DB", "Scale", "Shift", "DScale", "DShift"):
-            small = spec.kernel in ("_gn_bwd_dparams_kernel", "_gn_bwd_dscale_shift_kernel")
-            signature[name] = "*fp32" if small else data
+            signature[name] = data  # the parameters' dtype is the input's (a 16-bit model's weights)
         elif name in ("Mean", "MeanLo", "Rstd", "Partials"):
             signature[name] = stats  # statistics and workspaces
         elif name == "eps":
@@ -155,6 +172,17 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
 
 def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def load_widths(sass: str) -> list[int]:
+    """The width in bits of every global load in a SASS listing: LDG (and LDGSTS, global to shared)
+    with its modifiers, e.g. LDG.E.U16 (16), LDG.E (32), LDG.E.64.CONSTANT (64),
+    LDGSTS.E.BYPASS.LTC128B.128 (128: LTC128B is a cache hint, not a width)."""
+    widths = []
+    for modifiers in re.findall(r"\bLDG(?:STS)?((?:\.[A-Z0-9_]+)*)", sass):
+        sizes = [m for m in modifiers.split(".") if re.fullmatch(r"[US]?(?:8|16|32|64|128)", m)]
+        widths.append(int(sizes[-1].lstrip("US")) if sizes else 32)
+    return widths
 
 
 def compile_and_inspect(spec: Spec, arch: int) -> dict:
@@ -183,7 +211,7 @@ def compile_and_inspect(spec: Spec, arch: int) -> dict:
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
-    widths = [int(w or 32) for w in re.findall(r"LDG\.E(?:\.[A-Z]+)*?(?:\.(\d+))?(?:\.[A-Z]+)*\s", sass)]
+    widths = load_widths(sass)
     return dict(row, registers=registers, spill_bytes=local, shared_bytes=shared,
                 widest_load_bits=max(widths, default=0), global_loads=len(widths))  # fmt: skip
 
@@ -211,14 +239,14 @@ def launches_per_call() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one plan per path (what the tests check)")
+    parser.add_argument("--quick", action="store_true", help="heuristic plans and largest tiles (the tests)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     rows = run(args.quick, args.jobs)
     print("\n".join(launches_per_call()))
     header = f"{'kernel':32} {'dtype':5} {'layout':6} {'arch':6} {'warps':>5} {'tile':>9} {'regs':>4} "
-    print(header + f"{'spill':>5} {'smem':>6} {'ldg':>4}")
+    print(header + f"{'spill':>5} {'smem':>6} {'ldg':>4} {'loads':>5}")
     for r in rows:
         tile = f"{r.get('BLOCK_C', '-')}x{r.get('BLOCK_S', '-')}"
         layout = "nhwc" if r["channels_last"] else "nchw"
@@ -227,12 +255,17 @@ def main(argv: list[str] | None = None) -> int:
             print(start + "ERROR " + r["error"])
         else:
             print(
-                start + f"{r['registers']:>4} {r['spill_bytes']:>5} {r['shared_bytes']:>6} {r['widest_load_bits']:>4}"
+                start + f"{r['registers']:>4} {r['spill_bytes']:>5} {r['shared_bytes']:>6} {r['widest_load_bits']:>4} "
+                f"{r['global_loads']:>5}"
             )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     failed = [r for r in rows if "error" in r]
-    print(f"{len(rows)} compilations, {len(failed)} failed")
+    compiled = [r for r in rows if "error" not in r]
+    spilled = sum(1 for r in compiled if r["spill_bytes"])
+    max_registers = max((r["registers"] for r in compiled), default=0)
+    print(f"triton {triton.__version__}: {len(rows)} compilations, {len(failed)} failed, {spilled} spill, "
+          f"max registers {max_registers}")  # fmt: skip
     return 1 if failed else 0
 
 

@@ -1,5 +1,6 @@
 """Ahead-of-time compilation for sm_80 and sm_90, no GPU needed: every kernel compiles, none spills,
-and the NCHW main loops of aligned 16-bit and 32-bit inputs use 128-bit global loads."""
+and the NCHW main loops of aligned 16-bit and 32-bit inputs use 128-bit global loads. The suite runs
+the installed triton; `make static-report TRITON_SPEC=triton==3.6.0` checks another one."""
 
 import json
 import os
@@ -32,6 +33,26 @@ def test_every_kernel_compiles_for_sm80_and_sm90(report):
     assert not [r for r in report if "error" in r]
 
 
+def test_quick_covers_the_largest_tile_of_every_kernel_in_every_dtype(report):
+    """Compilers reject or spill on the largest tiles first (triton 3.6 rejected fp32 fused-backward
+    tiles of >= 256 elements, which a quick report of small tiles passed)."""
+    from perf.static_report import _tile_elems, all_specs
+
+    largest = {}
+    for spec in all_specs(quick=False):
+        key = (spec.kernel, spec.dtype)
+        largest[key] = max(largest.get(key, (0, 0)), _tile_elems(spec))
+    covered = {}
+    for r in report:
+        key = (r["kernel"], r["dtype"])
+        elems = r.get("BLOCK_C", 1) * r.get("BLOCK_S", 1)
+        covered[key] = max(covered.get(key, (0, 0)), (elems, elems // (32 * r["num_warps"])))
+    assert {k[1] for k in largest} == {"fp16", "bf16", "fp32", "fp64"}
+    assert covered == largest
+    fused_bwd = {(r["NEEDS_DX"], r["NEEDS_PARTIALS"]) for r in report if r["kernel"] == "_gn_bwd_fused_kernel"}
+    assert fused_bwd == {(True, True), (True, False), (False, True)}
+
+
 def test_int64_offsets_fp64_and_activations_compile(report):
     """Tensors over 2^31 elements (INDEX_64) cannot run here, and fp64 and the fused activations use
     math the interpreter does in numpy: their kernels must compile."""
@@ -42,6 +63,28 @@ def test_int64_offsets_fp64_and_activations_compile(report):
 
 def test_no_register_spills(report):
     assert [r for r in report if r["spill_bytes"]] == []
+
+
+def test_load_widths_of_every_global_load():
+    from perf.static_report import load_widths
+
+    sass = """
+        /*0100*/                   LDG.E.U16 R4, desc[UR6][R2.64] ;
+        /*0110*/              @!P0 LDG.E.128.CONSTANT R8, desc[UR6][R2.64] ;
+        /*0120*/                   LDG.E R5, desc[UR6][R6.64] ;
+        /*0130*/                   LDG.E.64 R10, desc[UR6][R6.64] ;
+        /*0140*/                   LDG.E.EL.S8 R10, desc[UR6][R6.64] ;
+        /*0150*/                   LDGSTS.E.BYPASS.LTC128B.128 [R1], desc[UR6][R6.64] ;
+        /*0160*/                   STG.E.U16 desc[UR6][R2.64], R4 ;
+        /*0170*/                   LDS.U16 R4, [R2] ;
+    """
+    assert load_widths(sass) == [16, 128, 32, 64, 8, 128]
+
+
+def test_every_kernel_reports_its_loads(report):
+    """Every kernel reads global memory: a row with no load means the SASS pattern missed one (it
+    once missed LDG.E.U16, so unaligned 16-bit kernels showed none)."""
+    assert [(r["kernel"], r["dtype"], r["arch"]) for r in report if not r["global_loads"]] == []
 
 
 def test_128_bit_loads_on_aligned_nchw(report):
