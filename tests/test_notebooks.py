@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("nbclient")
-pytest.importorskip("sklearn")
+pytest.importorskip("mnist1d")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = sorted(p.name for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
