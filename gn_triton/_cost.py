@@ -131,7 +131,7 @@ def programs_per_sm(block_c: int, block_s: int, num_warps: int) -> int:
 
 
 def predict(direction: str, p, plan, device: DeviceModel) -> Prediction:
-    """The model's cost of running `plan` (a gn_triton._tuning.Plan) on problem `p`."""
+    """The model's cost of running `plan` (a gn_triton._plan.Plan) on problem `p`."""
     plan = plan.fit(p)
     reads = tensors_read(direction)
     tensor = p.N * p.C * p.S * p.elem_size

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _launch
-from ._launch import Affine
+from ._plan import Affine
 
 _FLEXIBLE = (torch.Tag.flexible_layout,)
 

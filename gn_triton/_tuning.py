@@ -18,94 +18,15 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.testing
 
 from . import _cost, _plan_cache
+from ._checks import INTERPRET
 from ._cost import DeviceModel
-
-# Read once at import (no device is touched): Triton decides at decoration time whether the kernels
-# are compiled or interpreted, so this cannot change later in the process.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-_MAX_GRID_Y = 65535
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A GroupNorm call as the planner sees it: x viewed as (N, C, S) with G groups."""
-
-    N: int
-    C: int
-    S: int
-    G: int
-    dtype: torch.dtype
-    channels_last: bool
-    has_weight: bool
-    has_bias: bool
-    has_scale: bool = False  # per-sample (N, C) scale and shift after the affine
-    has_shift: bool = False
-    activation: int = 0  # fused activation (kernels' ACTIVATION constexpr)
-
-    @property
-    def Cg(self) -> int:  # noqa: N802 - the paper's name
-        return self.C // self.G
-
-    @property
-    def rows(self) -> int:
-        return self.N * self.G
-
-    @property
-    def row_elems(self) -> int:
-        return self.Cg * self.S
-
-    def blocks(self, groups: int) -> int:
-        """Programs' blocks when each owns `groups` adjacent groups of one sample."""
-        return self.N * triton.cdiv(self.G, groups)
-
-    @property
-    def elem_size(self) -> int:
-        return self.dtype.itemsize
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How a call is cut into programs. A program owns a block of `groups_per_program` groups of one
-    sample; split: programs per block along positions (1 = fused path, one launch); block_c x block_s:
-    the tile; wave_blocks: blocks per wave of the split path (0: all at once)."""
-
-    split: int = 1
-    groups_per_program: int = 1
-    block_c: int = 16
-    block_s: int = 256
-    num_warps: int = 4
-    wave_blocks: int = 0
-
-    def blocks(self, p: Problem) -> int:
-        return p.blocks(self.groups_per_program)
-
-    def span(self, S: int) -> tuple[int, int]:
-        """(positions per span, number of spans): spans are whole tiles, none of them empty."""
-        span = triton.cdiv(triton.cdiv(S, self.split), self.block_s) * self.block_s
-        return span, triton.cdiv(S, span)
-
-    def waves(self, p: Problem) -> Iterator[tuple[int, int]]:
-        """(first block, block count) of each wave."""
-        blocks = self.blocks(p)
-        step = self.wave_blocks or blocks
-        for offset in range(0, blocks, step):
-            yield offset, min(step, blocks - offset)
-
-    def fit(self, p: Problem) -> Plan:
-        """This plan made valid for `p` (plans are cached per bucket of similar problems)."""
-        split = max(1, min(self.split, triton.cdiv(p.S, self.block_s), _MAX_GRID_Y))
-        groups = max(1, min(self.groups_per_program, triton.next_power_of_2(p.G)))
-        fitted = dataclasses.replace(self, split=split, groups_per_program=groups)
-        wave = self.wave_blocks if 0 < self.wave_blocks < fitted.blocks(p) else 0
-        return dataclasses.replace(fitted, wave_blocks=wave)
+from ._plan import Plan, Problem
 
 
 @functools.cache

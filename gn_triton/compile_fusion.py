@@ -45,8 +45,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from . import _launch
-from ._tuning import INTERPRET
+from . import _checks
+from ._checks import INTERPRET
 
 _GROUP_NORMS = (F.group_norm, torch.group_norm)
 _GROUP_NORM_PARAMS = ("input", "num_groups", "weight", "bias", "eps")  # shared by both signatures
@@ -132,9 +132,9 @@ def _replace(graph: Graph, gn: Node) -> bool:
         and isinstance(y_val, torch.Tensor)
         and type(num_groups) is int
         and type(eps) in (int, float)
-        and x_val.dtype in _launch.SUPPORTED_DTYPES
+        and x_val.dtype in _checks.SUPPORTED_DTYPES
         and y_val.dtype == x_val.dtype  # not so under autocast: leave that to torch's kernel
-        and _launch.runs_on_kernels(x_val)
+        and _checks.runs_on_kernels(x_val)
     ):
         return False
 

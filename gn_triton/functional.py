@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _launch
+from . import _checks
 from .autograd import GroupNormFunction
 
 # torch's own form of each fused activation (the CPU fallback; also what peers are timed with).
@@ -45,10 +45,10 @@ def group_norm(
     may be of another floating dtype than input (e.g. fp32 parameters with bf16 input); statistics
     are fp32 (fp64 for fp64 input). Bad arguments raise like torch, naming the argument.
     """
-    _launch.check_group_norm_args(input, num_groups, weight, bias)
-    _launch.check_activation(activation)
-    _launch.check_modulation(input, scale, shift)
-    if input.dtype not in _launch.SUPPORTED_DTYPES or not _launch.runs_on_kernels(input):
+    _checks.check_group_norm_args(input, num_groups, weight, bias)
+    _checks.check_activation(activation)
+    _checks.check_modulation(input, scale, shift)
+    if input.dtype not in _checks.SUPPORTED_DTYPES or not _checks.runs_on_kernels(input):
         return _torch_epilogue(F.group_norm(input, num_groups, weight, bias, eps), activation, scale, shift)
     return GroupNormFunction.apply(input, weight, bias, num_groups, float(eps), activation, scale, shift)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _launch
+from . import _checks
 from .functional import group_norm
 
 
@@ -31,7 +31,7 @@ class GroupNorm(torch.nn.GroupNorm):
         activation: str | None = None,
     ) -> None:
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
-        _launch.check_activation(activation)
+        _checks.check_activation(activation)
         self.activation = activation
 
     def forward(

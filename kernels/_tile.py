@@ -11,8 +11,8 @@ with a [R, BLOCK_C] membership mask and `tl.where`, never a multiply, so that a 
 reaches another.
 
 Numerics: every load is upcast to ACC (fp32, or fp64 for fp64 input). Statistics are taken of
-`x - shift`, where `shift` is the first element of the group (a "pilot" value of the row): for data
-with a large common offset, `x - shift` is exact and small, so the mean of the row is carried as an
+`x - pilot`, where `pilot` is the first element of the group: for data with a large common offset,
+`x - pilot` is exact and small, so the mean of the row is carried as an
 fp32 pair `mean_hi + mean_lo` and the normalisation `(x - mean_hi) - mean_lo` loses nothing to the
 quantisation of a large fp32 mean. Tiles are reduced exactly (two passes over registers) and merged
 with Chan's parallel update, never as E[x^2] - E[x]^2.
@@ -37,13 +37,13 @@ def tile_offsets(c, s, C, S, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr
 @triton.jit
 def group_block(block, G, Cg, C, R: tl.constexpr):
     """The block-th block of R consecutive groups of one sample (blocks numbered sample by sample):
-    (n, first group, its channels [c_begin, c_end), group ids [R], group mask [R])."""
+    (n, first channel c_begin, end channel c_end, group ids gid [R], their mask [R])."""
     blocks_per_sample = tl.cdiv(G, R)
     n = block // blocks_per_sample
-    g_begin = (block % blocks_per_sample) * R
-    c_begin = g_begin * Cg
-    g = g_begin + tl.arange(0, R)
-    return n, c_begin, tl.minimum(c_begin + R * Cg, C), g, g < G
+    first = (block % blocks_per_sample) * R
+    gid = first + tl.arange(0, R)
+    c_begin = first * Cg
+    return n, c_begin, tl.minimum(c_begin + R * Cg, C), gid, gid < G
 
 
 @triton.jit
@@ -65,8 +65,8 @@ def to_groups(member, per_channel):
 
 
 @triton.jit
-def load_shift(x_sample, c_begin, c_end, Cg, C, S, R: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr):
-    """The pilot value of each of the R groups: its first element (channel g*Cg, position 0)."""
+def load_pilot(x_sample, c_begin, c_end, Cg, C, S, R: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr):
+    """The pilot value of each of the R groups: its first element (channel gid*Cg, position 0)."""
     c = c_begin + tl.arange(0, R) * Cg
     if CHANNELS_LAST:
         off = c
@@ -77,11 +77,11 @@ def load_shift(x_sample, c_begin, c_end, Cg, C, S, R: tl.constexpr, CHANNELS_LAS
 
 @triton.jit
 def shifted_stats(
-    x_sample, shift, c_begin, c_end, s_begin, s_end, C, S, Cg,
+    x_sample, pilot, c_begin, c_end, s_begin, s_end, C, S, Cg,
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """Count, mean and M2 (sum of squared deviations) of `x - shift` for each of R groups.
+    """Count, mean and M2 (sum of squared deviations) of `x - pilot` for each of R groups.
 
     Covers channels [c_begin, c_end) and positions [s_begin, s_end) of one sample. Each tile is
     reduced exactly (mean, then squared deviations from it) and folded into the running values
@@ -94,13 +94,13 @@ def shifted_stats(
         c = c0 + tl.arange(0, BLOCK_C)
         member = group_membership(c, c_begin, c_end, Cg, R)
         c_mask = c < c_end
-        shift_c = to_channels(member, shift)
+        pilot_c = to_channels(member, pilot)
         channels_per_group = tl.sum(member.to(ACC), axis=1)
         for s0 in range(s_begin, s_end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             mask = c_mask[:, None] & (s < s_end)[None, :]
             x = tl.load(x_sample + tile_offsets(c, s, C, S, CHANNELS_LAST, INDEX_64), mask=mask, other=0.0)
-            d = tl.where(mask, x.to(ACC) - shift_c[:, None], 0.0)
+            d = tl.where(mask, x.to(ACC) - pilot_c[:, None], 0.0)
             tile_count = channels_per_group * tl.minimum(s_end - s0, BLOCK_S).to(ACC)
             tile_mean = to_groups(member, tl.sum(d, axis=1)) / tl.maximum(tile_count, 1.0)
             dev = tl.where(mask, d - to_channels(member, tile_mean)[:, None], 0.0)
@@ -116,20 +116,21 @@ def shifted_stats(
 
 
 @triton.jit
-def finalize_stats(count, mean_shifted, m2, shift, eps, ACC: tl.constexpr):
-    """(mean_hi, mean_lo, rstd) from the shifted statistics; mean_hi + mean_lo = shift + mean_shifted
+def finalize_stats(count, mean_shifted, m2, pilot, eps_hi, eps_lo, ACC: tl.constexpr):
+    """(mean_hi, mean_lo, rstd) from the statistics of x - pilot; mean_hi + mean_lo = pilot + mean_shifted
     exactly (TwoSum), and mean_hi is the mean rounded to ACC."""
     var = m2 / tl.maximum(count, 1.0)  # count is 0 only for padding groups past G
-    # eps is a runtime fp32 scalar (Triton passes Python floats as fp32, so 1e-5 arrives as
-    # 9.99999975e-06, for fp64 input too); the cast keeps any caller from promoting the math to fp64.
-    eps = tl.cast(eps, ACC)
+    # Triton passes Python floats as fp32, so eps arrives as an fp32 pair with eps_hi + eps_lo = eps
+    # to ~2^-48 relative: exact enough for fp64 input (eps_lo vanishes against eps_hi in fp32). The
+    # casts keep any caller from promoting the fp32 math to fp64.
+    eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
     if ACC == tl.float64:
         rstd = 1.0 / tl.sqrt(var + eps)
     else:
         rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
-    mean_hi = shift + mean_shifted
-    part = mean_hi - shift
-    mean_lo = (shift - (mean_hi - part)) + (mean_shifted - part)
+    mean_hi = pilot + mean_shifted
+    part = mean_hi - pilot
+    mean_lo = (pilot - (mean_hi - part)) + (mean_shifted - part)
     return mean_hi, mean_lo, rstd
 
 
@@ -212,8 +213,9 @@ def normalize_span(
         member = group_membership(c, c_begin, c_end, Cg, R)
         c_mask = c < c_end
         a, b = channel_affine(
-            member, c, c_mask, W, B, Scale_n, Shift_n, mean_lo, rstd, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, ACC
-        )
+            member, c, c_mask, W, B, Scale_n, Shift_n, mean_lo, rstd,
+            HAS_WEIGHT=HAS_WEIGHT, HAS_BIAS=HAS_BIAS, HAS_SCALE=HAS_SCALE, HAS_SHIFT=HAS_SHIFT, ACC=ACC,
+        )  # fmt: skip
         hi = to_channels(member, mean_hi)
         for s0 in range(s_begin, s_end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
@@ -230,27 +232,27 @@ def channel_grad_sums(
     BLOCK_S: tl.constexpr, ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
-    """Per-channel sums over positions [s_begin, s_end) of g and of g*(x - mean_hi), [BLOCK_C] each,
-    where g is the gradient at the normalisation's output: dy, or dy*act'(z) with a fused activation
-    (z = (x - mean_hi)*a_c + b_c recomputed, never stored)."""
+    """Per-channel sums over positions [s_begin, s_end) of dz and of dz*(x - mean_hi), [BLOCK_C] each
+    (dz_sum, dz_xc_sum): dz is the gradient at the affine's output z, dy or dy*act'(z) with a fused
+    activation (z = (x - mean_hi)*a_c + b_c recomputed, never stored)."""
     c_mask = c < c_end
-    sum_g = tl.zeros([BLOCK_C], ACC)
-    sum_g_xc = tl.zeros([BLOCK_C], ACC)
+    dz_sum = tl.zeros([BLOCK_C], ACC)
+    dz_xc_sum = tl.zeros([BLOCK_C], ACC)
     for s0 in range(s_begin, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = c_mask[:, None] & (s < s_end)[None, :]
         offs = tile_offsets(c, s, C, S, CHANNELS_LAST, INDEX_64)
         x = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC)
-        g = tl.load(dy_sample + offs, mask=mask, other=0.0).to(ACC)
+        dz = tl.load(dy_sample + offs, mask=mask, other=0.0).to(ACC)
         xc = tl.where(mask, x - mean_hi_c[:, None], 0.0)
         if ACTIVATION != 0:
-            g *= activation_grad(xc * a_c[:, None] + b_c[:, None], ACTIVATION)
-        sum_g += tl.sum(g, axis=1)
-        sum_g_xc += tl.sum(g * xc, axis=1)
+            dz *= activation_grad(xc * a_c[:, None] + b_c[:, None], ACTIVATION)
+        dz_sum += tl.sum(dz, axis=1)
+        dz_xc_sum += tl.sum(dz * xc, axis=1)
     # The loop's results go through one op each (a no-op: masked channels sum to 0) before any use:
-    # triton 3.6's OptimizeThreadLocality pass, which rewrites `sum_g`'s reduction of a raw load,
+    # triton 3.6's OptimizeThreadLocality pass, which rewrites `dz_sum`'s reduction of a raw load,
     # asserts that the loop result has a single user, and the fused backward both stores and weights it.
-    return tl.where(c_mask, sum_g, 0.0), tl.where(c_mask, sum_g_xc, 0.0)
+    return tl.where(c_mask, dz_sum, 0.0), tl.where(c_mask, dz_xc_sum, 0.0)
 
 
 @triton.jit
@@ -261,21 +263,31 @@ def group_size(Cg, S, ACC: tl.constexpr):
 
 
 @triton.jit
-def dx_coefficients(sum_g_dy, sum_g_dy_xc, mean_lo, rstd, group_size):
-    """Per-group coefficients of dx = rstd*w[c]*g + coef_x*(x - mean_hi) + coef_1.
-
-    With x_hat = rstd*(x - mean_hi - mean_lo), g the gradient at the affine's output z, w the
-    effective weight (w[c]*(1 + scale[n, c]) with a per-sample scale), gw = g*w and <.> the mean over
-    the group's group_size elements, the GroupNorm input gradient is
-        dx = rstd*(gw - <gw> - x_hat*<gw*x_hat>).
-    sum_g_dy = sum(w*g) and sum_g_dy_xc = sum(w*g*(x - mean_hi)) over the group, so
-    <gw> = sum_g_dy/M and <gw*x_hat> = rstd*(sum_g_dy_xc - mean_lo*sum_g_dy)/M.
-    """
-    mean_g = sum_g_dy / group_size
-    mean_g_xhat = rstd * (sum_g_dy_xc - mean_lo * sum_g_dy) / group_size
-    coef_x = -rstd * rstd * mean_g_xhat
-    coef_1 = -rstd * mean_g - coef_x * mean_lo
+def dx_coefficients(dzw_sum, dzw_xc_sum, mean_lo, rstd, group_size):
+    """Per-group coefficients of dx = a*dz + coef_x*(x - mean_hi) + coef_1 (the backward math is
+    written out in gn_bwd.py's docstring): dzw_sum = sum(w*dz) and dzw_xc_sum = sum(w*dz*(x - mean_hi))
+    over the group's group_size elements, w the effective weight."""
+    mean_dzw = dzw_sum / group_size
+    mean_dzw_xhat = rstd * (dzw_xc_sum - mean_lo * dzw_sum) / group_size
+    coef_x = -rstd * rstd * mean_dzw_xhat
+    coef_1 = -rstd * mean_dzw - coef_x * mean_lo
     return coef_x, coef_1
+
+
+@triton.jit
+def partial_stats(Partials, row, j, SPANS):
+    """Pointers to the count, mean and M2 of span j of group row `row` (n*G + group) in the forward's
+    workspace Partials (N*G, SPANS, 3)."""
+    base = Partials + (row.to(tl.int64) * SPANS + j) * 3
+    return base, base + 1, base + 2
+
+
+@triton.jit
+def partial_sums(Partials, n, c, j, C, SPANS):
+    """Pointers to dz_sum and dz_xc_sum of channel c of sample n over span j in the backward's
+    workspace Partials (N, C, SPANS, 2)."""
+    base = Partials + ((n.to(tl.int64) * C + c) * SPANS + j) * 2
+    return base, base + 1
 
 
 @triton.jit
@@ -285,15 +297,16 @@ def dx_span(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """Write dx = rstd*w*(1 + scale)*g + coef_x*(x - mean_hi) + coef_1 over a span (g: dy, or
-    dy*act'(z)); a = rstd*w*(1 + scale) is the folded affine's slope."""
+    """Write dx = a*dz + coef_x*(x - mean_hi) + coef_1 over a span (dz: dy, or dy*act'(z));
+    a = rstd*w*(1 + scale) is the folded affine's slope."""
     for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         member = group_membership(c, c_begin, c_end, Cg, R)
         c_mask = c < c_end
         a, b = channel_affine(
-            member, c, c_mask, W, B, Scale_n, Shift_n, mean_lo, rstd, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, ACC
-        )
+            member, c, c_mask, W, B, Scale_n, Shift_n, mean_lo, rstd,
+            HAS_WEIGHT=HAS_WEIGHT, HAS_BIAS=HAS_BIAS, HAS_SCALE=HAS_SCALE, HAS_SHIFT=HAS_SHIFT, ACC=ACC,
+        )  # fmt: skip
         hi = to_channels(member, mean_hi)
         kx = to_channels(member, coef_x)
         k1 = to_channels(member, coef_1)
@@ -302,8 +315,8 @@ def dx_span(
             mask = c_mask[:, None] & (s < s_end)[None, :]
             offs = tile_offsets(c, s, C, S, CHANNELS_LAST, INDEX_64)
             xc = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC) - hi[:, None]
-            g = tl.load(dy_sample + offs, mask=mask, other=0.0).to(ACC)
+            dz = tl.load(dy_sample + offs, mask=mask, other=0.0).to(ACC)
             if ACTIVATION != 0:
-                g *= activation_grad(xc * a[:, None] + b[:, None], ACTIVATION)
-            dx = a[:, None] * g + kx[:, None] * xc + k1[:, None]
+                dz *= activation_grad(xc * a[:, None] + b[:, None], ACTIVATION)
+            dx = a[:, None] * dz + kx[:, None] * xc + k1[:, None]
             tl.store(dx_sample + offs, dx.to(dx_sample.dtype.element_ty), mask=mask)

@@ -5,7 +5,7 @@ NCHW groups, several for tiny groups, all G for channels_last so that a tile rea
 Two paths, chosen on the host (gn_triton/_launch.py, _tuning.py):
   fused: one launch; a program takes its groups' statistics over all positions, then normalises
          them (the second read hits L1/L2). For blocks that already fill the GPU.
-  split: each block's positions are cut into SPLIT spans; `_gn_fwd_partial_stats_kernel` writes one
+  split: each block's positions are cut into SPANS spans; `_gn_fwd_partial_stats_kernel` writes one
          (count, mean, M2) per group and span to a small fp32 workspace, `_gn_fwd_split_apply_kernel`
          merges a group's partials (every program of the block merges them in the same order:
          deterministic, no atomics) and normalises its own span. For few blocks (batch 1) or blocks
@@ -19,7 +19,7 @@ keep a wave's bytes inside L2 between the two launches.
 import triton
 import triton.language as tl
 
-from ._tile import finalize_stats, group_block, load_shift, normalize_span, shifted_stats
+from ._tile import finalize_stats, group_block, load_pilot, normalize_span, partial_stats, shifted_stats
 
 
 @triton.jit
@@ -33,57 +33,58 @@ def _gn_fwd_fused_kernel(
     Mean,  # (N, G) ACC: group mean rounded to ACC
     MeanLo,  # (N, G) ACC: mean - Mean (the rounding residual)
     Rstd,  # (N, G) ACC: 1/sqrt(var + eps)
-    C, S, G, Cg, eps,
+    C, S, G, Cg, eps_hi, eps_lo,  # eps = eps_hi + eps_lo (fp32 each)
     R: tl.constexpr,  # groups per program
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACTIVATION: tl.constexpr,  # 0 none, 1 SiLU, 2 GELU, 3 GELU (tanh), applied after the affine
     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    n, c_begin, c_end, g, g_mask = group_block(tl.program_id(0), G, Cg, C, R)
+    n, c_begin, c_end, gid, gid_mask = group_block(tl.program_id(0), G, Cg, C, R)
     x_sample = X + n.to(tl.int64) * C * S
     y_sample = Y + n.to(tl.int64) * C * S
 
-    shift = load_shift(x_sample, c_begin, c_end, Cg, C, S, R, CHANNELS_LAST, ACC)
+    pilot = load_pilot(x_sample, c_begin, c_end, Cg, C, S, R, CHANNELS_LAST, ACC)
     count, mean, m2 = shifted_stats(
-        x_sample, shift, c_begin, c_end, 0, S, C, S, Cg, R, BLOCK_C, BLOCK_S, CHANNELS_LAST, INDEX_64, ACC
+        x_sample, pilot, c_begin, c_end, 0, S, C, S, Cg, R, BLOCK_C, BLOCK_S, CHANNELS_LAST, INDEX_64, ACC
     )
-    mean_hi, mean_lo, rstd = finalize_stats(count, mean, m2, shift, eps, ACC)
-    stat = n * G + g
-    tl.store(Mean + stat, mean_hi, mask=g_mask)
-    tl.store(MeanLo + stat, mean_lo, mask=g_mask)
-    tl.store(Rstd + stat, rstd, mask=g_mask)
+    mean_hi, mean_lo, rstd = finalize_stats(count, mean, m2, pilot, eps_hi, eps_lo, ACC)
+    stat = n * G + gid
+    tl.store(Mean + stat, mean_hi, mask=gid_mask)
+    tl.store(MeanLo + stat, mean_lo, mask=gid_mask)
+    tl.store(Rstd + stat, rstd, mask=gid_mask)
     normalize_span(
         x_sample, y_sample, W, B, Scale + n * C, Shift + n * C, mean_hi, mean_lo, rstd, c_begin, c_end, 0, S,
-        C, S, Cg, R, BLOCK_C, BLOCK_S, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, ACTIVATION, CHANNELS_LAST,
-        INDEX_64, ACC,
+        C, S, Cg, R=R, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S,
+        HAS_WEIGHT=HAS_WEIGHT, HAS_BIAS=HAS_BIAS, HAS_SCALE=HAS_SCALE, HAS_SHIFT=HAS_SHIFT,
+        ACTIVATION=ACTIVATION, CHANNELS_LAST=CHANNELS_LAST, INDEX_64=INDEX_64, ACC=ACC,
     )  # fmt: skip
 
 
 @triton.jit
 def _gn_fwd_partial_stats_kernel(
     X,  # (N, C, S) input
-    Partials,  # (N*G, SPLIT, 3) ACC: count, mean and M2 of x - shift over each span of each group
+    Partials,  # (N*G, SPANS, 3) ACC: count, mean and M2 of x - pilot over each span of each group
     block_offset, C, S, G, Cg, span,
-    SPLIT,  # spans per group (runtime: it only sizes the workspace)
+    SPANS,  # spans per group (runtime: it only sizes the workspace)
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    n, c_begin, c_end, g, g_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
+    n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
     s_begin = j * span
     s_end = s_begin + tl.minimum(span, S - s_begin)  # s_begin + span may pass 2^31
     x_sample = X + n.to(tl.int64) * C * S
 
-    shift = load_shift(x_sample, c_begin, c_end, Cg, C, S, R, CHANNELS_LAST, ACC)
+    pilot = load_pilot(x_sample, c_begin, c_end, Cg, C, S, R, CHANNELS_LAST, ACC)
     count, mean, m2 = shifted_stats(
-        x_sample, shift, c_begin, c_end, s_begin, s_end, C, S, Cg, R, BLOCK_C, BLOCK_S,
+        x_sample, pilot, c_begin, c_end, s_begin, s_end, C, S, Cg, R, BLOCK_C, BLOCK_S,
         CHANNELS_LAST, INDEX_64, ACC,
     )  # fmt: skip
-    part = Partials + ((n.to(tl.int64) * G + g) * SPLIT + j) * 3
-    tl.store(part, count, mask=g_mask)
-    tl.store(part + 1, mean, mask=g_mask)
-    tl.store(part + 2, m2, mask=g_mask)
+    count_ptr, mean_ptr, m2_ptr = partial_stats(Partials, n * G + gid, j, SPANS)
+    tl.store(count_ptr, count, mask=gid_mask)
+    tl.store(mean_ptr, mean, mask=gid_mask)
+    tl.store(m2_ptr, m2, mask=gid_mask)
 
 
 @triton.jit
@@ -94,52 +95,55 @@ def _gn_fwd_split_apply_kernel(
     B,  # (C,) bias; unused unless HAS_BIAS
     Scale,  # (N, C) per-sample scale; unused unless HAS_SCALE
     Shift,  # (N, C) per-sample shift; unused unless HAS_SHIFT
-    Partials,  # (N*G, SPLIT, 3) ACC, from _gn_fwd_partial_stats_kernel
+    Partials,  # (N*G, SPANS, 3) ACC, from _gn_fwd_partial_stats_kernel
     Mean,  # (N, G) ACC
     MeanLo,  # (N, G) ACC
     Rstd,  # (N, G) ACC
-    block_offset, C, S, G, Cg, span, SPLIT, eps,
-    BLOCK_SPLIT: tl.constexpr,  # spans merged per step
+    block_offset, C, S, G, Cg, span, SPANS, eps_hi, eps_lo,
+    BLOCK_SPANS: tl.constexpr,  # spans merged per step
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    n, c_begin, c_end, g, g_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
+    n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
     x_sample = X + n.to(tl.int64) * C * S
     y_sample = Y + n.to(tl.int64) * C * S
 
-    # Merge each group's partials in a fixed order, BLOCK_SPLIT spans at a time (two passes over the
+    # Merge each group's partials in a fixed order, BLOCK_SPANS spans at a time (two passes over the
     # small workspace): mean = sum(n_k m_k)/sum(n_k), then M2 = sum(M2_k) + sum(n_k (m_k - mean)^2).
-    part = Partials + (n.to(tl.int64) * G + g)[:, None] * SPLIT * 3
+    row = (n * G + gid)[:, None]
     count = tl.zeros([R], ACC)
     total = tl.zeros([R], ACC)
-    for k0 in range(0, SPLIT, BLOCK_SPLIT):
-        k = k0 + tl.arange(0, BLOCK_SPLIT)[None, :]
-        k_mask = g_mask[:, None] & (k < SPLIT)
-        part_count = tl.load(part + k * 3, mask=k_mask, other=0.0)
+    for k0 in range(0, SPANS, BLOCK_SPANS):
+        k = k0 + tl.arange(0, BLOCK_SPANS)[None, :]
+        k_mask = gid_mask[:, None] & (k < SPANS)
+        count_ptr, mean_ptr, _ = partial_stats(Partials, row, k, SPANS)
+        part_count = tl.load(count_ptr, mask=k_mask, other=0.0)
         count += tl.sum(part_count, axis=1)
-        total += tl.sum(part_count * tl.load(part + k * 3 + 1, mask=k_mask, other=0.0), axis=1)
+        total += tl.sum(part_count * tl.load(mean_ptr, mask=k_mask, other=0.0), axis=1)
     mean = total / tl.maximum(count, 1.0)  # count 0: padding groups
     m2 = tl.zeros([R], ACC)
-    for k0 in range(0, SPLIT, BLOCK_SPLIT):
-        k = k0 + tl.arange(0, BLOCK_SPLIT)[None, :]
-        k_mask = g_mask[:, None] & (k < SPLIT)
-        part_count = tl.load(part + k * 3, mask=k_mask, other=0.0)
-        dev = tl.load(part + k * 3 + 1, mask=k_mask, other=0.0) - mean[:, None]
-        m2 += tl.sum(tl.load(part + k * 3 + 2, mask=k_mask, other=0.0) + part_count * dev * dev, axis=1)
+    for k0 in range(0, SPANS, BLOCK_SPANS):
+        k = k0 + tl.arange(0, BLOCK_SPANS)[None, :]
+        k_mask = gid_mask[:, None] & (k < SPANS)
+        count_ptr, mean_ptr, m2_ptr = partial_stats(Partials, row, k, SPANS)
+        part_count = tl.load(count_ptr, mask=k_mask, other=0.0)
+        dev = tl.load(mean_ptr, mask=k_mask, other=0.0) - mean[:, None]
+        m2 += tl.sum(tl.load(m2_ptr, mask=k_mask, other=0.0) + part_count * dev * dev, axis=1)
 
-    shift = load_shift(x_sample, c_begin, c_end, Cg, C, S, R, CHANNELS_LAST, ACC)
-    mean_hi, mean_lo, rstd = finalize_stats(count, mean, m2, shift, eps, ACC)
+    pilot = load_pilot(x_sample, c_begin, c_end, Cg, C, S, R, CHANNELS_LAST, ACC)
+    mean_hi, mean_lo, rstd = finalize_stats(count, mean, m2, pilot, eps_hi, eps_lo, ACC)
     if j == 0:
-        stat = n * G + g
-        tl.store(Mean + stat, mean_hi, mask=g_mask)
-        tl.store(MeanLo + stat, mean_lo, mask=g_mask)
-        tl.store(Rstd + stat, rstd, mask=g_mask)
+        stat = n * G + gid
+        tl.store(Mean + stat, mean_hi, mask=gid_mask)
+        tl.store(MeanLo + stat, mean_lo, mask=gid_mask)
+        tl.store(Rstd + stat, rstd, mask=gid_mask)
     s_begin = j * span
     s_end = s_begin + tl.minimum(span, S - s_begin)  # s_begin + span may pass 2^31
     normalize_span(
         x_sample, y_sample, W, B, Scale + n * C, Shift + n * C, mean_hi, mean_lo, rstd, c_begin, c_end,
-        s_begin, s_end, C, S, Cg, R, BLOCK_C, BLOCK_S, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, ACTIVATION,
-        CHANNELS_LAST, INDEX_64, ACC,
+        s_begin, s_end, C, S, Cg, R=R, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S,
+        HAS_WEIGHT=HAS_WEIGHT, HAS_BIAS=HAS_BIAS, HAS_SCALE=HAS_SCALE, HAS_SHIFT=HAS_SHIFT,
+        ACTIVATION=ACTIVATION, CHANNELS_LAST=CHANNELS_LAST, INDEX_64=INDEX_64, ACC=ACC,
     )  # fmt: skip

@@ -29,7 +29,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from gn_triton import _cost, _launch, _tuning, kernels
+from gn_triton import _cost, _plan, _tuning, kernels
 from gn_triton._tuning import Plan, Problem
 
 ARCHS = (80, 90)
@@ -74,11 +74,11 @@ def _specs_for_plan(
         add("_gn_fwd_fused_kernel", **affine)
         add("_gn_bwd_fused_kernel", NEEDS_DX=True, NEEDS_PARTIALS=True, **affine)
     else:
-        block_split = _launch._merge_step(plan.split)
+        block_spans = _plan.merge_step(plan.split)  # the spans a plan asks for (the launch: those that fit S)
         add("_gn_fwd_partial_stats_kernel")
-        add("_gn_fwd_split_apply_kernel", BLOCK_SPLIT=block_split, **affine)
+        add("_gn_fwd_split_apply_kernel", BLOCK_SPANS=block_spans, **affine)
         add("_gn_bwd_partial_sums_kernel", **affine)
-        add("_gn_bwd_split_dx_kernel", BLOCK_SPLIT=block_split, **affine)
+        add("_gn_bwd_split_dx_kernel", BLOCK_SPANS=block_spans, **affine)
     return specs
 
 
@@ -159,7 +159,7 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
             signature[name] = data  # the parameters' dtype is the input's (a 16-bit model's weights)
         elif name in ("Mean", "MeanLo", "Rstd", "Partials"):
             signature[name] = stats  # statistics and workspaces
-        elif name == "eps":
+        elif name in ("eps_hi", "eps_lo"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"

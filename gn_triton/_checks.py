@@ -1,0 +1,84 @@
+"""What the public API accepts, and where a call runs: argument checks that raise like torch (naming
+the argument and its values), the supported dtypes and activations, and whether a tensor runs on
+gn_triton's kernels (CUDA, or the CPU under Triton's interpreter) or falls back to torch."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+# Read once at import (no device is touched): Triton decides at decoration time whether the kernels
+# are compiled or interpreted, so this cannot change later in the process.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Fused activations by name, as the kernels' ACTIVATION constexpr.
+ACTIVATIONS = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
+
+
+def runs_on_kernels(x: torch.Tensor) -> bool:
+    """CUDA tensors run the Triton kernels; CPU tensors too when Triton interprets them."""
+    return x.is_cuda or (INTERPRET and x.device.type == "cpu")
+
+
+def check_group_norm_args(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> None:
+    """Raise like torch does (RuntimeError/TypeError/ValueError naming the argument) on bad input."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"group_norm(): input must be a Tensor, got {type(x).__name__}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"group_norm(): num_groups must be an int, got {type(num_groups).__name__}")
+    if x.dim() < 2:
+        raise RuntimeError(
+            f"group_norm(): expected input with at least 2 dimensions (N, C, *), got shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"group_norm(): input must be a floating point tensor, got dtype {x.dtype}")
+    channels = x.shape[1]
+    if num_groups <= 0:
+        raise ValueError(f"group_norm(): num_groups must be positive, got num_groups={num_groups}")
+    if channels % num_groups != 0:
+        raise RuntimeError(
+            f"group_norm(): expected number of channels in input to be divisible by num_groups, "
+            f"but got input of shape {tuple(x.shape)} and num_groups={num_groups}"
+        )
+    if x.numel() and x.shape[0] * (channels // num_groups) * math.prod(x.shape[2:]) == 1:
+        # torch.nn.functional.group_norm refuses this degenerate case too, with the same error.
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+    vector = f"a vector of size equal to the number of channels in input ({channels})"
+    for name, param in (("weight", weight), ("bias", bias)):
+        _check_optional(x, name, param, (channels,), vector)
+
+
+def _check_optional(x: torch.Tensor, name: str, t, shape: tuple, wanted: str) -> None:
+    """An optional tensor argument: None, or a floating tensor of `shape` (`wanted`) on x's device."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"group_norm(): {name} must be a Tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise RuntimeError(f"group_norm(): expected {name} to be {wanted}, but got {name} of shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"group_norm(): {name} must be a floating point tensor, got dtype {t.dtype}")
+    if t.device != x.device:
+        raise RuntimeError(
+            f"group_norm(): expected all tensors to be on the same device, but got input on {x.device} "
+            f"and {name} on {t.device}"
+        )
+
+
+def check_activation(activation: str | None) -> int:
+    if activation not in ACTIVATIONS:
+        names = ", ".join(repr(a) for a in ACTIVATIONS)
+        raise ValueError(f"group_norm(): unknown activation={activation!r}; expected one of {names}")
+    return ACTIVATIONS[activation]
+
+
+def check_modulation(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None) -> None:
+    """scale and shift, when given, are floating (N, C) tensors on x's device."""
+    rows = tuple(x.shape[:2])
+    for name, t in (("scale", scale), ("shift", shift)):
+        _check_optional(x, name, t, rows, f"of shape (N, C) = {rows}")

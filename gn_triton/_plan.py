@@ -1,0 +1,146 @@
+"""The vocabulary of a call, shared by the planner (_tuning, _cost) and the launcher (_launch): what
+is normalised (Problem), what follows the normalisation (Affine), and how the work is cut into
+programs (Plan), with the launch meta-parameters and constexpr flags the kernels take."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch._prims_common import suggest_memory_format
+
+from ._checks import check_activation
+
+_MAX_GRID_Y = 65535
+_INT32_MAX = 2**31 - 1
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of group_norm's output for `x`: torch's suggestion from x's stride order, so
+    channels_last (also a sliced channels_last view) stays channels_last, as with torch's kernel."""
+    return suggest_memory_format(x)
+
+
+@dataclass
+class Affine:
+    """What follows the normalisation: y = act((x_hat*weight + bias)*(1 + scale) + shift). weight
+    and bias are (C,), scale and shift per sample (N, C); each may be None."""
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+    activation: str | None = None
+
+    def pointers(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(weight, bias, scale, shift) for a launch; the placeholder stands in for an absent one
+        (its kernel flag is off, so it is never read)."""
+        return tuple(placeholder if t is None else t for t in (self.weight, self.bias, self.scale, self.shift))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A GroupNorm call as the planner sees it: x viewed as (N, C, S) with G groups."""
+
+    N: int
+    C: int
+    S: int
+    G: int
+    dtype: torch.dtype
+    channels_last: bool
+    has_weight: bool
+    has_bias: bool
+    has_scale: bool = False  # per-sample (N, C) scale and shift after the affine
+    has_shift: bool = False
+    activation: int = 0  # fused activation (kernels' ACTIVATION constexpr)
+
+    @property
+    def Cg(self) -> int:  # noqa: N802 - the paper's name
+        return self.C // self.G
+
+    @property
+    def rows(self) -> int:
+        return self.N * self.G
+
+    @property
+    def row_elems(self) -> int:
+        return self.Cg * self.S
+
+    def blocks(self, groups: int) -> int:
+        """Programs' blocks when each owns `groups` adjacent groups of one sample."""
+        return self.N * triton.cdiv(self.G, groups)
+
+    @property
+    def elem_size(self) -> int:
+        return self.dtype.itemsize
+
+    @classmethod
+    def of(cls, x: torch.Tensor, num_groups: int, affine: Affine) -> Problem:
+        """The problem of group_norm(x, num_groups) followed by `affine`."""
+        return cls(N=x.shape[0], C=x.shape[1], S=math.prod(x.shape[2:]), G=num_groups, dtype=x.dtype,
+                   channels_last=memory_format(x) != torch.contiguous_format, has_weight=affine.weight is not None,
+                   has_bias=affine.bias is not None, has_scale=affine.scale is not None,
+                   has_shift=affine.shift is not None, activation=check_activation(affine.activation))  # fmt: skip
+
+    def flags(self) -> dict:
+        """The constexpr flags of the normalising kernels: epilogue, layout, indexing, accumulator."""
+        return dict(HAS_WEIGHT=self.has_weight, HAS_BIAS=self.has_bias, HAS_SCALE=self.has_scale,
+                    HAS_SHIFT=self.has_shift, ACTIVATION=self.activation, CHANNELS_LAST=self.channels_last,
+                    INDEX_64=self.N * self.C * self.S > _INT32_MAX,
+                    ACC=tl.float64 if self.dtype == torch.float64 else tl.float32)  # fmt: skip
+
+    def base_flags(self) -> dict:
+        """The flags of the kernels that only read x (partial statistics)."""
+        return {k: v for k, v in self.flags().items() if k in ("CHANNELS_LAST", "INDEX_64", "ACC")}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a call is cut into programs. A program owns a block of `groups_per_program` groups of one
+    sample; split: programs per block along positions (1 = fused path, one launch); block_c x block_s:
+    the tile; wave_blocks: blocks per wave of the split path (0: all at once)."""
+
+    split: int = 1
+    groups_per_program: int = 1
+    block_c: int = 16
+    block_s: int = 256
+    num_warps: int = 4
+    wave_blocks: int = 0
+
+    def blocks(self, p: Problem) -> int:
+        return p.blocks(self.groups_per_program)
+
+    def meta(self) -> dict:
+        """The launch meta-parameters: groups per program, the tile, warps."""
+        return dict(R=self.groups_per_program, BLOCK_C=self.block_c, BLOCK_S=self.block_s, num_warps=self.num_warps)
+
+    def span(self, S: int) -> tuple[int, int]:
+        """(positions per span, number of spans): spans are whole tiles, none of them empty."""
+        span = triton.cdiv(triton.cdiv(S, self.split), self.block_s) * self.block_s
+        return span, triton.cdiv(S, span)
+
+    def waves(self, p: Problem) -> Iterator[tuple[int, int]]:
+        """(first block, block count) of each wave."""
+        blocks = self.blocks(p)
+        step = self.wave_blocks or blocks
+        for offset in range(0, blocks, step):
+            yield offset, min(step, blocks - offset)
+
+    def fit(self, p: Problem) -> Plan:
+        """This plan made valid for `p` (plans are cached per bucket of similar problems)."""
+        split = max(1, min(self.split, triton.cdiv(p.S, self.block_s), _MAX_GRID_Y))
+        groups = max(1, min(self.groups_per_program, triton.next_power_of_2(p.G)))
+        fitted = dataclasses.replace(self, split=split, groups_per_program=groups)
+        wave = self.wave_blocks if 0 < self.wave_blocks < fitted.blocks(p) else 0
+        return dataclasses.replace(fitted, wave_blocks=wave)
+
+
+def merge_step(spans: int) -> int:
+    """Spans merged per step when a program reads its block's partials: few enough to keep the merge
+    tile small in registers."""
+    return min(triton.next_power_of_2(spans), 16)
