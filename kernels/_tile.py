@@ -47,6 +47,31 @@ def group_block(block, G, Cg, C, R: tl.constexpr):
 
 
 @triton.jit
+def span_bounds(j, span, S):
+    """Positions [s_begin, s_end) of span j (s_begin + span may pass 2^31: the end is formed without it)."""
+    s_begin = j * span
+    return s_begin, s_begin + tl.minimum(span, S - s_begin)
+
+
+@triton.jit
+def store_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask, mean_hi, mean_lo, rstd):
+    """The (N, G) statistics of a block's groups."""
+    stat = n * G + gid
+    tl.store(Mean + stat, mean_hi, mask=gid_mask)
+    tl.store(MeanLo + stat, mean_lo, mask=gid_mask)
+    tl.store(Rstd + stat, rstd, mask=gid_mask)
+
+
+@triton.jit
+def load_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask):
+    stat = n * G + gid
+    mean_hi = tl.load(Mean + stat, mask=gid_mask, other=0.0)
+    mean_lo = tl.load(MeanLo + stat, mask=gid_mask, other=0.0)
+    rstd = tl.load(Rstd + stat, mask=gid_mask, other=0.0)
+    return mean_hi, mean_lo, rstd
+
+
+@triton.jit
 def group_membership(c, c_begin, c_end, Cg, R: tl.constexpr):
     """[R, BLOCK_C] mask: channel c belongs to the r-th group of the program's block."""
     return ((c - c_begin)[None, :] // Cg == tl.arange(0, R)[:, None]) & (c < c_end)[None, :]
@@ -280,6 +305,16 @@ def partial_stats(Partials, row, j, SPANS):
     workspace Partials (N*G, SPANS, 3)."""
     base = Partials + (row.to(tl.int64) * SPANS + j) * 3
     return base, base + 1, base + 2
+
+
+@triton.jit
+def load_partial_stats(Partials, row, gid_mask, k0, SPANS, BLOCK_SPANS: tl.constexpr):
+    """[R, BLOCK_SPANS] tiles of count, mean and M2 of spans k0.. of the groups `row` ([R, 1])."""
+    k = k0 + tl.arange(0, BLOCK_SPANS)[None, :]
+    k_mask = gid_mask[:, None] & (k < SPANS)
+    count_ptr, mean_ptr, m2_ptr = partial_stats(Partials, row, k, SPANS)
+    count = tl.load(count_ptr, mask=k_mask, other=0.0)
+    return count, tl.load(mean_ptr, mask=k_mask, other=0.0), tl.load(m2_ptr, mask=k_mask, other=0.0)
 
 
 @triton.jit

@@ -33,19 +33,12 @@ from ._tile import (
     group_block,
     group_membership,
     group_size,
+    load_stats,
     partial_sums,
+    span_bounds,
     to_channels,
     to_groups,
 )
-
-
-@triton.jit
-def _load_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask):
-    stat = n * G + gid
-    mean_hi = tl.load(Mean + stat, mask=gid_mask, other=0.0)
-    mean_lo = tl.load(MeanLo + stat, mask=gid_mask, other=0.0)
-    rstd = tl.load(Rstd + stat, mask=gid_mask, other=0.0)
-    return mean_hi, mean_lo, rstd
 
 
 @triton.jit
@@ -73,7 +66,7 @@ def _gn_bwd_fused_kernel(
     dy_sample = DY + n.to(tl.int64) * C * S
     scale_n = Scale + n * C
     shift_n = Shift + n * C
-    mean_hi, mean_lo, rstd = _load_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask)
+    mean_hi, mean_lo, rstd = load_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask)
 
     dzw_sum = tl.zeros([R], ACC)
     dzw_xc_sum = tl.zeros([R], ACC)
@@ -130,11 +123,10 @@ def _gn_bwd_partial_sums_kernel(
 ):  # fmt: skip
     n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
-    s_begin = j * span
-    s_end = s_begin + tl.minimum(span, S - s_begin)  # s_begin + span may pass 2^31
+    s_begin, s_end = span_bounds(j, span, S)
     x_sample = X + n.to(tl.int64) * C * S
     dy_sample = DY + n.to(tl.int64) * C * S
-    mean_hi, mean_lo, rstd = _load_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask)
+    mean_hi, mean_lo, rstd = load_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask)
     for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         member = group_membership(c, c_begin, c_end, Cg, R)
@@ -173,7 +165,7 @@ def _gn_bwd_split_dx_kernel(
 ):  # fmt: skip
     n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
-    mean_hi, mean_lo, rstd = _load_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask)
+    mean_hi, mean_lo, rstd = load_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask)
 
     # Merge the spans' per-channel sums (fixed order), weight them, and total them per group.
     dzw_sum = tl.zeros([R], ACC)
@@ -198,8 +190,7 @@ def _gn_bwd_split_dx_kernel(
         dzw_xc_sum += to_groups(member, dz_xc_sum)
 
     coef_x, coef_1 = dx_coefficients(dzw_sum, dzw_xc_sum, mean_lo, rstd, group_size(Cg, S, ACC))
-    s_begin = j * span
-    s_end = s_begin + tl.minimum(span, S - s_begin)  # s_begin + span may pass 2^31
+    s_begin, s_end = span_bounds(j, span, S)
     dx_span(
         X + n.to(tl.int64) * C * S, DY + n.to(tl.int64) * C * S, DX + n.to(tl.int64) * C * S, W, B,
         Scale + n * C, Shift + n * C, mean_hi, mean_lo, rstd, coef_x, coef_1, c_begin, c_end, s_begin, s_end,

@@ -19,7 +19,17 @@ keep a wave's bytes inside L2 between the two launches.
 import triton
 import triton.language as tl
 
-from ._tile import finalize_stats, group_block, load_pilot, normalize_span, partial_stats, shifted_stats
+from ._tile import (
+    finalize_stats,
+    group_block,
+    load_partial_stats,
+    load_pilot,
+    normalize_span,
+    partial_stats,
+    shifted_stats,
+    span_bounds,
+    store_stats,
+)
 
 
 @triton.jit
@@ -49,10 +59,7 @@ def _gn_fwd_fused_kernel(
         x_sample, pilot, c_begin, c_end, 0, S, C, S, Cg, R, BLOCK_C, BLOCK_S, CHANNELS_LAST, INDEX_64, ACC
     )
     mean_hi, mean_lo, rstd = finalize_stats(count, mean, m2, pilot, eps_hi, eps_lo, ACC)
-    stat = n * G + gid
-    tl.store(Mean + stat, mean_hi, mask=gid_mask)
-    tl.store(MeanLo + stat, mean_lo, mask=gid_mask)
-    tl.store(Rstd + stat, rstd, mask=gid_mask)
+    store_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask, mean_hi, mean_lo, rstd)
     normalize_span(
         x_sample, y_sample, W, B, Scale + n * C, Shift + n * C, mean_hi, mean_lo, rstd, c_begin, c_end, 0, S,
         C, S, Cg, R=R, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S,
@@ -72,8 +79,7 @@ def _gn_fwd_partial_stats_kernel(
 ):  # fmt: skip
     n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
-    s_begin = j * span
-    s_end = s_begin + tl.minimum(span, S - s_begin)  # s_begin + span may pass 2^31
+    s_begin, s_end = span_bounds(j, span, S)
     x_sample = X + n.to(tl.int64) * C * S
 
     pilot = load_pilot(x_sample, c_begin, c_end, Cg, C, S, R, CHANNELS_LAST, ACC)
@@ -116,31 +122,21 @@ def _gn_fwd_split_apply_kernel(
     count = tl.zeros([R], ACC)
     total = tl.zeros([R], ACC)
     for k0 in range(0, SPANS, BLOCK_SPANS):
-        k = k0 + tl.arange(0, BLOCK_SPANS)[None, :]
-        k_mask = gid_mask[:, None] & (k < SPANS)
-        count_ptr, mean_ptr, _ = partial_stats(Partials, row, k, SPANS)
-        part_count = tl.load(count_ptr, mask=k_mask, other=0.0)
+        part_count, part_mean, _ = load_partial_stats(Partials, row, gid_mask, k0, SPANS, BLOCK_SPANS)
         count += tl.sum(part_count, axis=1)
-        total += tl.sum(part_count * tl.load(mean_ptr, mask=k_mask, other=0.0), axis=1)
+        total += tl.sum(part_count * part_mean, axis=1)
     mean = total / tl.maximum(count, 1.0)  # count 0: padding groups
     m2 = tl.zeros([R], ACC)
     for k0 in range(0, SPANS, BLOCK_SPANS):
-        k = k0 + tl.arange(0, BLOCK_SPANS)[None, :]
-        k_mask = gid_mask[:, None] & (k < SPANS)
-        count_ptr, mean_ptr, m2_ptr = partial_stats(Partials, row, k, SPANS)
-        part_count = tl.load(count_ptr, mask=k_mask, other=0.0)
-        dev = tl.load(mean_ptr, mask=k_mask, other=0.0) - mean[:, None]
-        m2 += tl.sum(tl.load(m2_ptr, mask=k_mask, other=0.0) + part_count * dev * dev, axis=1)
+        part_count, part_mean, part_m2 = load_partial_stats(Partials, row, gid_mask, k0, SPANS, BLOCK_SPANS)
+        dev = part_mean - mean[:, None]
+        m2 += tl.sum(part_m2 + part_count * dev * dev, axis=1)
 
     pilot = load_pilot(x_sample, c_begin, c_end, Cg, C, S, R, CHANNELS_LAST, ACC)
     mean_hi, mean_lo, rstd = finalize_stats(count, mean, m2, pilot, eps_hi, eps_lo, ACC)
     if j == 0:
-        stat = n * G + gid
-        tl.store(Mean + stat, mean_hi, mask=gid_mask)
-        tl.store(MeanLo + stat, mean_lo, mask=gid_mask)
-        tl.store(Rstd + stat, rstd, mask=gid_mask)
-    s_begin = j * span
-    s_end = s_begin + tl.minimum(span, S - s_begin)  # s_begin + span may pass 2^31
+        store_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask, mean_hi, mean_lo, rstd)
+    s_begin, s_end = span_bounds(j, span, S)
     normalize_span(
         x_sample, y_sample, W, B, Scale + n * C, Shift + n * C, mean_hi, mean_lo, rstd, c_begin, c_end,
         s_begin, s_end, C, S, Cg, R=R, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S,
