@@ -87,7 +87,7 @@ def _gn_fwd_partial_stats_kernel(
         x_sample, pilot, c_begin, c_end, s_begin, s_end, C, S, Cg, R, BLOCK_C, BLOCK_S,
         CHANNELS_LAST, INDEX_64, ACC,
     )  # fmt: skip
-    count_ptr, mean_ptr, m2_ptr = partial_stats(Partials, n * G + gid, j, SPANS)
+    count_ptr, mean_ptr, m2_ptr = partial_stats(Partials, n.to(tl.int64) * G + gid, j, SPANS)
     tl.store(count_ptr, count, mask=gid_mask)
     tl.store(mean_ptr, mean, mask=gid_mask)
     tl.store(m2_ptr, m2, mask=gid_mask)
@@ -118,7 +118,7 @@ def _gn_fwd_split_apply_kernel(
 
     # Merge each group's partials in a fixed order, BLOCK_SPANS spans at a time (two passes over the
     # small workspace): mean = sum(n_k m_k)/sum(n_k), then M2 = sum(M2_k) + sum(n_k (m_k - mean)^2).
-    row = (n * G + gid)[:, None]
+    row = (n.to(tl.int64) * G + gid)[:, None]
     count = tl.zeros([R], ACC)
     total = tl.zeros([R], ACC)
     for k0 in range(0, SPANS, BLOCK_SPANS):
