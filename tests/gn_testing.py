@@ -1,13 +1,22 @@
-"""Helpers shared by the tests: inputs, forward+backward runs, and the reference comparison."""
+"""Helpers shared by the tests: inputs, forward+backward runs, torch's own result, and the one
+comparison with the float64 reference (assert_matches_reference)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from cases import PLANS, SIXTEEN_BIT
 
 import gn_triton
+from gn_triton import _tuning
 from gn_triton.reference import TOLERANCE, group_norm_reference
 from gn_triton.reference import relative_error as error
+
+OUTPUTS = ("y", "dx", "dweight", "dbias", "dscale", "dshift")
+
+# torch's form of each fused activation, kept apart from gn_triton's own table (its CPU fallback)
+# so that the fallback is compared with something it does not share.
+TORCH_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh")}
 
 
 def make_input(shape, dtype=torch.float32, device="cpu", offset=0.0, scale=1.0, layout="contiguous"):
@@ -34,9 +43,39 @@ def make_params(C, dtype=torch.float32, device="cpu", weight=True, bias=True):
     return w, b
 
 
-def forward_backward(fn, x, num_groups, weight, bias, dy, eps=1e-5, dtype=None):
-    """Run fn(x, num_groups, weight, bias, eps) on fresh leaf copies (cast to `dtype` if given) and
-    backpropagate dy. Returns (y, dx, dweight, dbias); the callers' tensors are never touched."""
+def make_modulation(N, C, dtype=torch.float32, device="cpu", scale=True, shift=True):
+    """Per-sample (N, C) scale and shift (None where not asked for)."""
+    s = (0.5 * torch.randn(N, C, dtype=torch.float64, device=device)).to(dtype) if scale else None
+    t = torch.randn(N, C, dtype=torch.float64, device=device).to(dtype) if shift else None
+    return s, t
+
+
+def forced(plan: str):
+    """Force the named plan of cases.PLANS for the calls inside the block."""
+    return _tuning.override_plan(**PLANS[plan])
+
+
+def kernel_eps(eps: float, dtype: torch.dtype) -> float:
+    """eps as the kernels apply it, which the reference then uses: exactly (fp64 kernels get it as an
+    fp32 pair whose sum is eps to ~2^-48). The one place that knows it."""
+    return eps
+
+
+def torch_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, scale=None, shift=None):
+    """torch's own ops: F.group_norm, then y*(1 + scale) + shift per (n, c), then the activation."""
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    per_channel = (*y.shape[:2], *[1] * (y.dim() - 2))
+    if scale is not None:
+        y = y * (1 + scale.reshape(per_channel))
+    if shift is not None:
+        y = y + shift.reshape(per_channel)
+    return y if activation is None else TORCH_ACTIVATIONS[activation](y)
+
+
+def forward_backward(fn, x, num_groups, weight=None, bias=None, dy=None, eps=1e-5, dtype=None, **epilogue):
+    """Run fn(x, num_groups, weight, bias, eps, activation=..., scale=..., shift=...) on fresh leaf
+    copies (cast to `dtype` if given) and backpropagate dy (random if None). Returns (y, dx, dweight,
+    dbias, dscale, dshift), None where there is no such input; the callers' tensors are never touched."""
 
     def leaf(t):
         if t is None:
@@ -45,55 +84,59 @@ def forward_backward(fn, x, num_groups, weight, bias, dy, eps=1e-5, dtype=None):
         return t.requires_grad_()
 
     x_, w_, b_ = leaf(x), leaf(weight), leaf(bias)
-    y = fn(x_, num_groups, w_, b_, eps)
-    y.backward(dy if dtype is None else dy.to(dtype))
-    return y.detach(), x_.grad, None if w_ is None else w_.grad, None if b_ is None else b_.grad
+    scale, shift = leaf(epilogue.pop("scale", None)), leaf(epilogue.pop("shift", None))
+    y = fn(x_, num_groups, w_, b_, eps, scale=scale, shift=shift, **epilogue)
+    y.backward(torch.randn_like(y) if dy is None else dy.to(y.dtype))
+    return (y.detach(), *(None if t is None else t.grad for t in (x_, w_, b_, scale, shift)))
 
 
-def kernel_eps(eps: float) -> float:
-    """eps as the kernels apply it: a runtime fp32 scalar (documented; matters only for fp64 input)."""
-    return torch.tensor(eps, dtype=torch.float32).item()
+def reference(x, num_groups, weight=None, bias=None, dy=None, eps=1e-5, **epilogue):
+    """The float64 reference's (y, dx, dweight, dbias, dscale, dshift), with the kernels' eps."""
+    eps = kernel_eps(eps, x.dtype)
+    return forward_backward(group_norm_reference, x, num_groups, weight, bias, dy, eps, torch.float64, **epilogue)
 
 
-def reference(x, num_groups, weight, bias, dy, eps=1e-5):
-    if x.dtype == torch.float64:
-        eps = kernel_eps(eps)
-    return forward_backward(group_norm_reference, x, num_groups, weight, bias, dy, eps, dtype=torch.float64)
+def _torch_params(x, weight, bias):
+    """weight and bias as torch's CPU kernel takes them: present (its backward fails on a bias
+    without a weight) and of x's dtype or fp32 (it refuses other mixes)."""
+
+    def fix(t, fill):
+        if t is None:
+            return torch.full((x.shape[1],), fill, dtype=x.dtype, device=x.device)
+        return t if t.dtype in (x.dtype, torch.float32) else t.float()
+
+    return fix(weight, 1.0), fix(bias, 0.0)
 
 
-def torch_errors(x, num_groups, weight, bias, dy, ref, eps=1e-5):
-    """torch's own errors at x's dtype (forward, dx, dweight, dbias), for the 16-bit tolerance."""
-    C = x.shape[1]
-    w = weight if weight is not None else torch.ones(C, dtype=x.dtype, device=x.device)
-    b = bias if bias is not None else torch.zeros(C, dtype=x.dtype, device=x.device)
-    outs = forward_backward(F.group_norm, x, num_groups, w, b, dy, eps)
-    return [error(o, r) if r is not None else 0.0 for o, r in zip(outs, ref)]
+def assert_close(out, expected, tolerance, what="output"):
+    err = error(out, expected)
+    assert err <= tolerance, f"{what}: error {err:.3g} > tolerance {tolerance:.3g}"
 
 
-def assert_matches_reference(x, num_groups, weight=None, bias=None, dy=None, eps=1e-5):
-    """gn_triton's forward and gradients against the float64 reference; output dtype and memory
-    format against torch's. 16-bit: error <= 2x torch's own error at that dtype + a small floor."""
+def assert_matches_reference(x, num_groups, weight=None, bias=None, dy=None, eps=1e-5, **epilogue):
+    """gn_triton's forward and every gradient (`epilogue`: activation, scale, shift) against the
+    float64 reference; dtypes and output memory format against torch's. Tolerance of each output:
+    TOLERANCE of its dtype, plus for 16-bit input 2x torch's own error at that dtype (its
+    F.group_norm and the same epilogue in torch ops, on the same inputs). Returns gn_triton's
+    (y, dx, dweight, dbias, dscale, dshift)."""
     if dy is None:
         dy = torch.randn(x.shape, dtype=torch.float64, device=x.device).to(x.dtype)
-    ours = forward_backward(gn_triton.group_norm, x, num_groups, weight, bias, dy, eps)
-    ref = reference(x, num_groups, weight, bias, dy, eps)
-    tol = [TOLERANCE[x.dtype]] * 4
-    if x.dtype in (torch.float16, torch.bfloat16):
-        tol = [2 * e + t for e, t in zip(torch_errors(x, num_groups, weight, bias, dy, ref, eps), tol)]
-    for name, out, r, t in zip(("y", "dx", "dweight", "dbias"), ours, ref, tol):
+    ours = forward_backward(gn_triton.group_norm, x, num_groups, weight, bias, dy, eps, **epilogue)
+    ref = reference(x, num_groups, weight, bias, dy, eps, **epilogue)
+    torch_weight, torch_bias = _torch_params(x, weight, bias)
+    theirs = None
+    if x.dtype in SIXTEEN_BIT:
+        theirs = forward_backward(torch_group_norm, x, num_groups, torch_weight, torch_bias, dy, eps, **epilogue)
+    inputs = (x, x, weight, bias, epilogue.get("scale"), epilogue.get("shift"))  # each output's dtype
+    for k, (name, out, r, like) in enumerate(zip(OUTPUTS, ours, ref, inputs)):
         if r is None:
             assert out is None, name
             continue
-        err = error(out, r)
-        assert err <= t, f"{name}: error {err:.3g} > tolerance {t:.3g} (shape {tuple(x.shape)}, {x.dtype})"
-    y, dx, dw, db = ours
-    torch_y = F.group_norm(x, num_groups, weight, bias, eps)
-    assert y.dtype == x.dtype and dx.dtype == x.dtype
-    assert y.shape == x.shape and dx.shape == x.shape
+        assert out.dtype == like.dtype and out.shape == like.shape, (name, out.dtype, out.shape)
+        tolerance = TOLERANCE[out.dtype] + (0.0 if theirs is None else 2 * error(theirs[k], r))
+        assert_close(out, r, tolerance, f"{name} (shape {tuple(x.shape)}, {x.dtype})")
+    with torch.no_grad():
+        torch_y = torch_group_norm(x, num_groups, torch_weight, torch_bias, eps, **epilogue)
     fmt = torch._prims_common.suggest_memory_format(torch_y)
-    assert y.is_contiguous(memory_format=fmt), f"output strides {y.stride()} but torch gives {torch_y.stride()}"
-    if weight is not None:
-        assert dw.dtype == weight.dtype
-    if bias is not None:
-        assert db.dtype == bias.dtype
+    assert ours[0].is_contiguous(memory_format=fmt), f"output strides {ours[0].stride()}, torch's {torch_y.stride()}"
     return ours

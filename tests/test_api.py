@@ -6,10 +6,11 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
-from gn_testing import error, make_input, make_params, reference
+from cases import ACTIVATIONS
+from gn_testing import TOLERANCE, assert_close, make_input, make_modulation, make_params, reference, torch_group_norm
 
 import gn_triton
-from gn_triton import _launch, _ops, _tuning
+from gn_triton import _checks, _launch, _ops, _tuning
 
 
 def test_signatures_match_torch():
@@ -46,11 +47,11 @@ def test_module_is_a_drop_in(device):
     assert torch.equal(back.weight, torch_gn.weight)
     x = make_input((2, 8, 3, 3), torch.float32, device)
     expected = reference(x, 4, torch_gn.weight.detach(), torch_gn.bias.detach(), torch.ones_like(x), eps=1e-4)[0]
-    assert error(ours(x), expected) < 1e-5
+    assert_close(ours(x), expected, TOLERANCE[torch.float32])
     plain = gn_triton.GroupNorm(2, 6, affine=False, device=device)
     assert plain.weight is None and plain.bias is None
     x = make_input((2, 6, 4), device=device)
-    assert error(plain(x), reference(x, 2, None, None, torch.ones_like(x))[0]) < 1e-5
+    assert_close(plain(x), reference(x, 2)[0], TOLERANCE[torch.float32])
     nobias = gn_triton.GroupNorm(2, 6, bias=False, device=device)
     assert nobias.bias is None and nobias.weight is not None
 
@@ -70,77 +71,41 @@ def test_module_trains(device):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
 
 
+def tensor(*size, dtype=torch.float32, device=None):
+    """A builder of a tensor of that size on the test's device (or on `device`)."""
+    fill = torch.randn if dtype.is_floating_point else torch.ones
+    return lambda test_device: fill(size, dtype=dtype, device=device or test_device)
+
+
+# (name, arguments replacing input=(2, 4, 3) and num_groups=2, exception, words the message must contain)
 BAD_INPUTS = [
-    # (name, kwargs builder, exception, words the message must contain)
-    (
-        "C not divisible",
-        lambda d: dict(input=torch.randn(2, 5, 3, device=d), num_groups=2),
-        RuntimeError,
-        ["divisible", "num_groups=2", "(2, 5, 3)"],
-    ),
-    (
-        "num_groups 0",
-        lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=0),
-        ValueError,
-        ["num_groups", "0"],
-    ),
-    (
-        "num_groups negative",
-        lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=-2),
-        ValueError,
-        ["num_groups", "-2"],
-    ),
-    ("1-D input", lambda d: dict(input=torch.randn(4, device=d), num_groups=2), RuntimeError, ["2 dimensions", "(4,)"]),
-    (
-        "weight shape",
-        lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2, weight=torch.randn(3, device=d)),
-        RuntimeError,
-        ["weight", "(3,)", "4"],
-    ),
-    (
-        "bias shape",
-        lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2, bias=torch.randn(4, 1, device=d)),
-        RuntimeError,
-        ["bias", "(4, 1)"],
-    ),
-    (
-        "integer input",
-        lambda d: dict(input=torch.ones(2, 4, 3, dtype=torch.int64, device=d), num_groups=2),
-        TypeError,
-        ["floating", "torch.int64"],
-    ),
-    (
-        "integer weight",
-        lambda d: dict(
-            input=torch.randn(2, 4, 3, device=d), num_groups=2, weight=torch.ones(4, dtype=torch.int32, device=d)
-        ),
-        TypeError,
-        ["weight", "torch.int32"],
-    ),
-    (
-        "weight on another device",
-        lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2, weight=torch.randn(4, device="meta")),
-        RuntimeError,
-        ["same device", "weight", "meta"],
-    ),
-    (
-        "one value per group",
-        lambda d: dict(input=torch.randn(1, 4, 1, device=d), num_groups=4),
-        ValueError,
-        ["more than 1 value", "[1, 4, 1]"],
-    ),
-    (
-        "num_groups float",
-        lambda d: dict(input=torch.randn(2, 4, 3, device=d), num_groups=2.0),
-        TypeError,
-        ["num_groups", "float"],
-    ),
+    ("C not divisible", dict(input=tensor(2, 5, 3)), RuntimeError, ["divisible", "num_groups=2", "(2, 5, 3)"]),
+    ("num_groups 0", dict(num_groups=0), ValueError, ["num_groups", "0"]),
+    ("num_groups negative", dict(num_groups=-2), ValueError, ["num_groups", "-2"]),
+    ("num_groups float", dict(num_groups=2.0), TypeError, ["num_groups", "float"]),
+    ("1-D input", dict(input=tensor(4)), RuntimeError, ["2 dimensions", "(4,)"]),
+    ("one value per group", dict(input=tensor(1, 4, 1), num_groups=4), ValueError, ["more than 1 value", "[1, 4, 1]"]),
+    ("integer input", dict(input=tensor(2, 4, 3, dtype=torch.int64)), TypeError, ["floating", "torch.int64"]),
+    ("weight shape", dict(weight=tensor(3)), RuntimeError, ["weight", "(3,)", "4"]),
+    ("bias shape", dict(bias=tensor(4, 1)), RuntimeError, ["bias", "(4, 1)"]),
+    ("integer weight", dict(weight=tensor(4, dtype=torch.int32)), TypeError, ["weight", "torch.int32"]),
+    ("weight on meta", dict(weight=tensor(4, device="meta")), RuntimeError, ["same device", "weight", "meta"]),
+    ("scale shape", dict(scale=tensor(2, 3)), RuntimeError, ["scale", "(2, 4)", "(2, 3)"]),
+    ("shift shape", dict(shift=tensor(4)), RuntimeError, ["shift", "(4,)"]),
+    ("integer scale", dict(scale=tensor(2, 4, dtype=torch.int64)), TypeError, ["scale", "torch.int64"]),
+    ("shift on meta", dict(shift=tensor(2, 4, device="meta")), RuntimeError, ["same device", "shift", "meta"]),
+    ("unknown activation", dict(activation="relu"), ValueError, ["unknown activation='relu'"]),
 ]
 
 
-@pytest.mark.parametrize("name,build,exc,words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input(name, build, exc, words, device):
-    kwargs = build(device)
+@pytest.mark.parametrize("fallback", [False, True], ids=["kernels", "torch fallback"])
+@pytest.mark.parametrize("name,args,exc,words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input(name, args, exc, words, fallback, device, monkeypatch):
+    """Bad arguments raise like torch, naming the argument, also where torch's own kernel would run."""
+    if fallback:
+        monkeypatch.setattr(_checks, "INTERPRET", False)
+    kwargs = {"input": tensor(2, 4, 3), "num_groups": 2, **args}
+    kwargs = {k: v(device) if callable(v) else v for k, v in kwargs.items()}
     with pytest.raises(exc) as info:
         gn_triton.group_norm(**kwargs)
     for word in words:
@@ -209,17 +174,34 @@ def test_saved_statistics(device):
     assert torch.allclose(rstd.double(), 1 / (rows.var(-1, unbiased=False) + 1e-5).sqrt(), rtol=1e-6)
 
 
-def test_opcheck(device):
-    x = make_input((2, 4, 3, 3), torch.float32, device)
-    w, b = make_params(4, torch.float32, device)
-    torch.library.opcheck(_ops.group_norm_fwd, (x, w, b, 2, 1e-5))
-    torch.library.opcheck(_ops.group_norm_fwd, (x.to(memory_format=torch.channels_last), None, b, 2, 1e-5))
-    y, mean, mean_lo, rstd = _ops.group_norm_fwd(x, w, b, 2, 1e-5)
-    dy = torch.randn_like(y)
-    torch.library.opcheck(_ops.group_norm_bwd, (dy, x, w, b, mean, mean_lo, rstd, 2, [True, True, True, False, False]))
-    torch.library.opcheck(
-        _ops.group_norm_bwd, (dy, x, None, b, mean, mean_lo, rstd, 2, [True, False, True, False, False])
-    )
+# (name, input layout, weight given, activation, scale and shift given)
+OP_CALLS = [
+    ("plain", "contiguous", True, None, False),
+    ("channels_last, no weight", "channels_last", False, None, False),
+    ("gelu", "contiguous", True, "gelu", False),
+    ("silu, scale and shift", "contiguous", True, "silu", True),
+]
+
+
+@pytest.mark.parametrize("name,layout,weight,activation,modulated", OP_CALLS, ids=[c[0] for c in OP_CALLS])
+def test_opcheck(name, layout, weight, activation, modulated, device):
+    """torch.library.opcheck of the forward and backward ops, called as autograd.py calls them
+    (arguments left at their defaults are left out)."""
+    x = make_input((2, 4, 3, 3), torch.float32, device, layout=layout)
+    w, b = make_params(4, torch.float32, device, weight=weight)
+    scale, shift = make_modulation(2, 4, torch.float32, device) if modulated else (None, None)
+
+    def call(*args, defaults):  # the trailing arguments that equal their defaults dropped
+        while len(args) > defaults and args[-1] is None:
+            args = args[:-1]
+        return args
+
+    fwd_args = call(x, w, b, 2, 1e-5, activation, scale, shift, defaults=5)
+    torch.library.opcheck(_ops.group_norm_fwd, fwd_args)
+    y, mean, mean_lo, rstd = _ops.group_norm_fwd(*fwd_args)
+    mask = [True, weight, True, modulated, modulated]
+    bwd_args = call(torch.randn_like(y), x, w, b, mean, mean_lo, rstd, 2, mask, activation, scale, shift, defaults=9)
+    torch.library.opcheck(_ops.group_norm_bwd, bwd_args)
 
 
 class ScaleShiftBlock(torch.nn.Module):
@@ -278,14 +260,17 @@ def test_channels_last_allocates_only_outputs(device):
     assert extra <= 2 * x.numel() * x.element_size() + (4 << 20), extra
 
 
-def test_cpu_falls_back_to_torch_without_interpreter(monkeypatch):
-    """Outside the interpreter a CPU tensor runs torch's own kernel, so models still run on CPU."""
-    monkeypatch.setattr(_launch, "INTERPRET", False)
+@pytest.mark.parametrize("epilogue", ["none", *ACTIVATIONS, "gelu, scale and shift"])
+def test_cpu_falls_back_to_torch_without_interpreter(epilogue, monkeypatch):
+    """Outside the interpreter a CPU tensor runs torch's own kernel and torch's ops for the
+    epilogue, so models still run on CPU."""
+    monkeypatch.setattr(_checks, "INTERPRET", False)
     x = torch.randn(2, 4, 3, 3)
     w, b = make_params(4)
-    assert torch.equal(gn_triton.group_norm(x, 2, w, b), F.group_norm(x, 2, w, b))
-    with pytest.raises(RuntimeError, match="divisible"):
-        gn_triton.group_norm(torch.randn(2, 5, 3), 2)
+    activation = None if epilogue == "none" else epilogue.split(",")[0]
+    scale, shift = make_modulation(2, 4) if "scale" in epilogue else (None, None)
+    ours = gn_triton.group_norm(x, 2, w, b, activation=activation, scale=scale, shift=shift)
+    assert torch.equal(ours, torch_group_norm(x, 2, w, b, activation=activation, scale=scale, shift=shift))
 
 
 def test_autotune_key_buckets_and_caches(monkeypatch):
