@@ -253,19 +253,6 @@ FUSING = {
 }
 
 
-@pytest.mark.parametrize("name", list(FUSING))
-def test_forms_that_fuse(name, device):
-    form, fused = FUSING[name]
-    model = modulated(form, device)
-    inputs = modulated_inputs(2, device)
-    expected = run(model, inputs)
-    result, graph = rewritten(model, inputs)
-    assert_matches(result, expected)
-    assert fused_node(graph) == fused
-    epilogue_ops = (F.group_norm, F.silu, F.gelu, operator.mul, operator.add, torch.mul, torch.add, "mul", "add")
-    assert not remaining(graph, *epilogue_ops)
-
-
 # form -> what the op takes (activation, scale passed, shift passed); the rest stays as torch ops.
 PARTIAL = {
     "normalised output has a second user": (lambda h, s, t: F.silu(h) + h, (None, False, False)),
@@ -278,16 +265,22 @@ PARTIAL = {
 }
 
 
-@pytest.mark.parametrize("name", list(PARTIAL))
-def test_forms_that_do_not_fuse(name, device):
-    form, fused = PARTIAL[name]
+@pytest.mark.parametrize("name", [*FUSING, *PARTIAL])
+def test_forms_that_fuse_and_that_do_not(name, device):
+    """FUSING: every epilogue op folds into the op. PARTIAL: GroupNorm itself still runs on gn_triton,
+    what cannot fold (a second user, the wrong order or shape) stays a torch op."""
+    form, fused = FUSING[name] if name in FUSING else PARTIAL[name]
     model = modulated(form, device)
     inputs = modulated_inputs(2, device)
     expected = run(model, inputs)
     result, graph = rewritten(model, inputs)
     assert_matches(result, expected)
-    assert fused_node(graph) == fused  # GroupNorm itself still runs on gn_triton
-    assert remaining(graph, F.silu)
+    assert fused_node(graph) == fused
+    if name in FUSING:
+        epilogue_ops = (F.group_norm, F.silu, F.gelu, operator.mul, operator.add, torch.mul, torch.add, "mul", "add")
+        assert not remaining(graph, *epilogue_ops)
+    else:
+        assert remaining(graph, F.silu)
 
 
 def test_graphs_without_group_norm_and_autocast_norms_are_untouched(device):
