@@ -55,12 +55,6 @@ def forced(plan: str):
     return _tuning.override_plan(**PLANS[plan])
 
 
-def kernel_eps(eps: float, dtype: torch.dtype) -> float:
-    """eps as the kernels apply it, which the reference then uses: exactly (fp64 kernels get it as an
-    fp32 pair whose sum is eps to ~2^-48). The one place that knows it."""
-    return eps
-
-
 def torch_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, scale=None, shift=None):
     """torch's own ops: F.group_norm, then y*(1 + scale) + shift per (n, c), then the activation."""
     y = F.group_norm(x, num_groups, weight, bias, eps)
@@ -91,8 +85,8 @@ def forward_backward(fn, x, num_groups, weight=None, bias=None, dy=None, eps=1e-
 
 
 def reference(x, num_groups, weight=None, bias=None, dy=None, eps=1e-5, **epilogue):
-    """The float64 reference's (y, dx, dweight, dbias, dscale, dshift), with the kernels' eps."""
-    eps = kernel_eps(eps, x.dtype)
+    """The float64 reference's (y, dx, dweight, dbias, dscale, dshift). The kernels apply eps exactly
+    (fp64 kernels get it as an fp32 pair whose sum is eps to ~2^-48), so the reference takes it as is."""
     return forward_backward(group_norm_reference, x, num_groups, weight, bias, dy, eps, torch.float64, **epilogue)
 
 
