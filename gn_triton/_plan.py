@@ -15,6 +15,7 @@ import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
 from ._checks import check_activation
+from .kernels import Epilogue, Layout
 
 _MAX_GRID_Y = 65535
 _INT32_MAX = 2**31 - 1
@@ -88,15 +89,16 @@ class Problem:
                    has_shift=affine.shift is not None, activation=check_activation(affine.activation))  # fmt: skip
 
     def flags(self) -> dict:
-        """The constexpr flags of the normalising kernels: epilogue, layout, indexing, accumulator."""
-        return dict(HAS_WEIGHT=self.has_weight, HAS_BIAS=self.has_bias, HAS_SCALE=self.has_scale,
-                    HAS_SHIFT=self.has_shift, ACTIVATION=self.activation, CHANNELS_LAST=self.channels_last,
-                    INDEX_64=self.N * self.C * self.S > _INT32_MAX,
-                    ACC=tl.float64 if self.dtype == torch.float64 else tl.float32)  # fmt: skip
+        """The constexprs of the normalising kernels: what follows the normalisation, how x is
+        addressed, the accumulator."""
+        epilogue = Epilogue(HAS_WEIGHT=self.has_weight, HAS_BIAS=self.has_bias, HAS_SCALE=self.has_scale,
+                            HAS_SHIFT=self.has_shift, ACTIVATION=self.activation)  # fmt: skip
+        return dict(EPILOGUE=epilogue, **self.base_flags())
 
     def base_flags(self) -> dict:
-        """The flags of the kernels that only read x (partial statistics)."""
-        return {k: v for k, v in self.flags().items() if k in ("CHANNELS_LAST", "INDEX_64", "ACC")}
+        """The constexprs of the kernels that only read x (partial statistics)."""
+        layout = Layout(CHANNELS_LAST=self.channels_last, INDEX_64=self.N * self.C * self.S > _INT32_MAX)
+        return dict(LAYOUT=layout, ACC=tl.float64 if self.dtype == torch.float64 else tl.float32)
 
 
 @dataclass(frozen=True)

@@ -12,23 +12,56 @@ reaches another.
 
 Numerics: every load is upcast to ACC (fp32, or fp64 for fp64 input). Statistics are taken of
 `x - pilot`, where `pilot` is the first element of the group: for data with a large common offset,
-`x - pilot` is exact and small, so the mean of the row is carried as an
-fp32 pair `mean_hi + mean_lo` and the normalisation `(x - mean_hi) - mean_lo` loses nothing to the
+`x - pilot` is exact and small, so the mean of the row is carried as an fp32 pair `mean_hi + mean_lo`
+and the normalisation `(x - mean_hi) - mean_lo` loses nothing to the
 quantisation of a large fp32 mean. Tiles are reduced exactly (two passes over registers) and merged
 with Chan's parallel update, never as E[x^2] - E[x]^2.
+
+Kernel arguments: a name means the same in every kernel.
+  X, DY           (N, C, S) input and output gradient; Y, DX: outputs in X's dtype and layout
+  W, B            (C,) weight and bias (any float dtype); Scale, Shift: (N, C) per-sample modulation,
+                  z*(1 + scale) + shift. Each is read only where EPILOGUE has it (else a placeholder).
+  DW, DB, DScale, DShift   their gradients, each in its tensor's dtype; written only where NEEDS_* asks
+  Mean, MeanLo    (N, G) in ACC: the group mean rounded to ACC and the rounding residual; Rstd, (N, G)
+                  1/sqrt(var + eps); eps_hi + eps_lo = eps (fp32 each, see finalize_stats)
+  Partials        the split paths' workspace in ACC: forward (N*G, SPANS, 3), backward (N, C, SPANS, 2),
+                  read and written through its accessors below; SPANS spans of `span` positions each
+  block_offset    the first block of this launch's wave (split paths)
+  R, BLOCK_C, BLOCK_S   the plan: groups per program and the tile
+  EPILOGUE, LAYOUT      the constexpr bundles below; ACC: the accumulator dtype (fp32, fp64 for fp64)
 """
+
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
 
 
+class Epilogue(NamedTuple):
+    """What follows the normalisation, as constexprs: z = (x_hat*weight + bias)*(1 + scale) + shift,
+    y = act(z). A flag off means the tensor is absent (its argument is a placeholder, never read)."""
+
+    HAS_WEIGHT: tl.constexpr
+    HAS_BIAS: tl.constexpr
+    HAS_SCALE: tl.constexpr
+    HAS_SHIFT: tl.constexpr
+    ACTIVATION: tl.constexpr  # 0 none, 1 SiLU, 2 GELU (erf), 3 GELU (tanh approximation)
+
+
+class Layout(NamedTuple):
+    """How the (N, C, S) view is addressed, as constexprs."""
+
+    CHANNELS_LAST: tl.constexpr  # NHWC / NDHWC (offsets above)
+    INDEX_64: tl.constexpr  # offsets in int64: the tensor has 2^31 elements or more
+
+
 @triton.jit
-def tile_offsets(c, s, C, S, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr):
+def tile_offsets(c, s, C, S, LAYOUT: tl.constexpr):
     """[BLOCK_C, BLOCK_S] element offsets inside one sample for channels `c` and positions `s`."""
-    if INDEX_64:
+    if LAYOUT.INDEX_64:
         c = c.to(tl.int64)
         s = s.to(tl.int64)
-    if CHANNELS_LAST:
+    if LAYOUT.CHANNELS_LAST:
         return s[None, :] * C + c[:, None]
     else:
         return c[:, None] * S + s[None, :]
@@ -41,8 +74,8 @@ def group_block(block, G, Cg, C, R: tl.constexpr):
     blocks_per_sample = tl.cdiv(G, R)
     n = block // blocks_per_sample
     first = (block % blocks_per_sample) * R
-    gid = first + tl.arange(0, R)
     c_begin = first * Cg
+    gid = first + tl.arange(0, R)
     return n, c_begin, tl.minimum(c_begin + R * Cg, C), gid, gid < G
 
 
@@ -90,10 +123,10 @@ def to_groups(member, per_channel):
 
 
 @triton.jit
-def load_pilot(x_sample, c_begin, c_end, Cg, C, S, R: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr):
+def load_pilot(x_sample, c_begin, c_end, Cg, C, S, R: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr):
     """The pilot value of each of the R groups: its first element (channel gid*Cg, position 0)."""
     c = c_begin + tl.arange(0, R) * Cg
-    if CHANNELS_LAST:
+    if LAYOUT.CHANNELS_LAST:
         off = c
     else:
         off = c.to(tl.int64) * S
@@ -103,8 +136,7 @@ def load_pilot(x_sample, c_begin, c_end, Cg, C, S, R: tl.constexpr, CHANNELS_LAS
 @triton.jit
 def shifted_stats(
     x_sample, pilot, c_begin, c_end, s_begin, s_end, C, S, Cg,
-    R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Count, mean and M2 (sum of squared deviations) of `x - pilot` for each of R groups.
 
@@ -124,7 +156,7 @@ def shifted_stats(
         for s0 in range(s_begin, s_end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             mask = c_mask[:, None] & (s < s_end)[None, :]
-            x = tl.load(x_sample + tile_offsets(c, s, C, S, CHANNELS_LAST, INDEX_64), mask=mask, other=0.0)
+            x = tl.load(x_sample + tile_offsets(c, s, C, S, LAYOUT), mask=mask, other=0.0)
             d = tl.where(mask, x.to(ACC) - pilot_c[:, None], 0.0)
             tile_count = channels_per_group * tl.minimum(s_end - s0, BLOCK_S).to(ACC)
             tile_mean = to_groups(member, tl.sum(d, axis=1)) / tl.maximum(tile_count, 1.0)
@@ -146,21 +178,19 @@ def finalize_stats(count, mean_shifted, m2, pilot, eps_hi, eps_lo, ACC: tl.const
     exactly (TwoSum), and mean_hi is the mean rounded to ACC."""
     var = m2 / tl.maximum(count, 1.0)  # count is 0 only for padding groups past G
     # Triton passes Python floats as fp32, so eps arrives as an fp32 pair with eps_hi + eps_lo = eps
-    # to ~2^-48 relative: exact enough for fp64 input (eps_lo vanishes against eps_hi in fp32). The
-    # casts keep any caller from promoting the fp32 math to fp64.
-    eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
+    # to ~2^-48 relative: exact enough for fp64 input. In fp32, eps_hi + eps_lo rounds to eps_hi.
     if ACC == tl.float64:
-        rstd = 1.0 / tl.sqrt(var + eps)
+        rstd = 1.0 / tl.sqrt(var + (tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)))
     else:
-        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps_hi))
     mean_hi = pilot + mean_shifted
     part = mean_hi - pilot
     mean_lo = (pilot - (mean_hi - part)) + (mean_shifted - part)
     return mean_hi, mean_lo, rstd
 
 
-# Fused activations after the affine (ACTIVATION constexpr): 0 none, 1 SiLU, 2 GELU (erf), 3 GELU
-# (tanh approximation). The backward recomputes the pre-activation z from x and the statistics.
+# Fused activations after the affine (Epilogue.ACTIVATION). The backward recomputes the pre-activation
+# z from x and the statistics.
 @triton.jit
 def activation(z, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:
@@ -192,70 +222,75 @@ def activation_grad(z, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def channel_affine(
-    member, c, c_mask, W, B, Scale_n, Shift_n, mean_lo, rstd,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    ACC: tl.constexpr,
+    member, c, c_mask, W, B, Scale_n, Shift_n, mean_lo, rstd, EPILOGUE: tl.constexpr, ACC: tl.constexpr
 ):  # fmt: skip
     """Per-channel (a, b) of the folded affine z = (x - mean_hi)*a + b of one sample:
     a = rstd*w*(1 + scale), b = (bias - mean_lo*rstd*w)*(1 + scale) + shift, i.e.
     z = (x_hat*w + bias)*(1 + scale) + shift with the sample's scale/shift (N, C) rows."""
     a = to_channels(member, rstd)
-    if HAS_WEIGHT:
+    if EPILOGUE.HAS_WEIGHT:
         a *= tl.load(W + c, mask=c_mask, other=0.0).to(ACC)
     b = -to_channels(member, mean_lo) * a
-    if HAS_BIAS:
+    if EPILOGUE.HAS_BIAS:
         b += tl.load(B + c, mask=c_mask, other=0.0).to(ACC)
-    if HAS_SCALE:
+    if EPILOGUE.HAS_SCALE:
         gain = 1.0 + tl.load(Scale_n + c, mask=c_mask, other=0.0).to(ACC)
         a *= gain
         b *= gain
-    if HAS_SHIFT:
+    if EPILOGUE.HAS_SHIFT:
         b += tl.load(Shift_n + c, mask=c_mask, other=0.0).to(ACC)
     return a, b
 
 
 @triton.jit
-def effective_weight(c, c_mask, W, Scale_n, HAS_WEIGHT: tl.constexpr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr):
+def effective_weight(c, c_mask, W, Scale_n, EPILOGUE: tl.constexpr, ACC: tl.constexpr):
     """w*(1 + scale) per channel of one sample: the weight the normalised value is multiplied by."""
     w = tl.zeros(c.shape, ACC) + 1.0
-    if HAS_WEIGHT:
+    if EPILOGUE.HAS_WEIGHT:
         w = tl.load(W + c, mask=c_mask, other=0.0).to(ACC)
-    if HAS_SCALE:
+    if EPILOGUE.HAS_SCALE:
         w *= 1.0 + tl.load(Scale_n + c, mask=c_mask, other=0.0).to(ACC)
     return w
 
 
 @triton.jit
-def normalize_span(
-    x_sample, y_sample, W, B, Scale_n, Shift_n, mean_hi, mean_lo, rstd, c_begin, c_end, s_begin, s_end,
-    C, S, Cg, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+def write_span(
+    x_sample, out_sample, W, B, Scale_n, Shift_n, mean_hi, mean_lo, rstd, c_begin, c_end, s_begin, s_end,
+    C, S, Cg, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, EPILOGUE: tl.constexpr,
+    LAYOUT: tl.constexpr, ACC: tl.constexpr, dy_sample=None, coef_x=None, coef_1=None, BACKWARD: tl.constexpr = False,
 ):  # fmt: skip
-    """y = act((x - mean_hi)*a + b), per-channel a, b (one subtract and one FMA per element)."""
+    """The elementwise pass over a span, with the folded affine's per-channel a, b (channel_affine):
+    forward:  y = act((x - mean_hi)*a + b)   (one subtract and one FMA per element);
+    backward: dx = a*dz + coef_x*(x - mean_hi) + coef_1 with dz = dy, or dy*act'(z) (dx_coefficients)."""
     for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         member = group_membership(c, c_begin, c_end, Cg, R)
         c_mask = c < c_end
-        a, b = channel_affine(
-            member, c, c_mask, W, B, Scale_n, Shift_n, mean_lo, rstd,
-            HAS_WEIGHT=HAS_WEIGHT, HAS_BIAS=HAS_BIAS, HAS_SCALE=HAS_SCALE, HAS_SHIFT=HAS_SHIFT, ACC=ACC,
-        )  # fmt: skip
+        a, b = channel_affine(member, c, c_mask, W, B, Scale_n, Shift_n, mean_lo, rstd, EPILOGUE, ACC)
         hi = to_channels(member, mean_hi)
+        if BACKWARD:
+            kx = to_channels(member, coef_x)
+            k1 = to_channels(member, coef_1)
         for s0 in range(s_begin, s_end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             mask = c_mask[:, None] & (s < s_end)[None, :]
-            offs = tile_offsets(c, s, C, S, CHANNELS_LAST, INDEX_64)
-            x = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC)
-            y = activation((x - hi[:, None]) * a[:, None] + b[:, None], ACTIVATION)
-            tl.store(y_sample + offs, y.to(y_sample.dtype.element_ty), mask=mask)
+            offs = tile_offsets(c, s, C, S, LAYOUT)
+            if BACKWARD:
+                xc = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC) - hi[:, None]
+                dz = tl.load(dy_sample + offs, mask=mask, other=0.0).to(ACC)
+                if EPILOGUE.ACTIVATION != 0:
+                    dz *= activation_grad(xc * a[:, None] + b[:, None], EPILOGUE.ACTIVATION)
+                out = a[:, None] * dz + kx[:, None] * xc + k1[:, None]
+            else:
+                x = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC)
+                out = activation((x - hi[:, None]) * a[:, None] + b[:, None], EPILOGUE.ACTIVATION)
+            tl.store(out_sample + offs, out.to(out_sample.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def channel_grad_sums(
     x_sample, dy_sample, mean_hi_c, a_c, b_c, c, c_end, s_begin, s_end, C, S, BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr, ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
-    ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr, ACTIVATION: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Per-channel sums over positions [s_begin, s_end) of dz and of dz*(x - mean_hi), [BLOCK_C] each
     (dz_sum, dz_xc_sum): dz is the gradient at the affine's output z, dy or dy*act'(z) with a fused
@@ -266,7 +301,7 @@ def channel_grad_sums(
     for s0 in range(s_begin, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = c_mask[:, None] & (s < s_end)[None, :]
-        offs = tile_offsets(c, s, C, S, CHANNELS_LAST, INDEX_64)
+        offs = tile_offsets(c, s, C, S, LAYOUT)
         x = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC)
         dz = tl.load(dy_sample + offs, mask=mask, other=0.0).to(ACC)
         xc = tl.where(mask, x - mean_hi_c[:, None], 0.0)
@@ -301,57 +336,59 @@ def dx_coefficients(dzw_sum, dzw_xc_sum, mean_lo, rstd, group_size):
 
 @triton.jit
 def partial_stats(Partials, row, j, SPANS):
-    """Pointers to the count, mean and M2 of span j of group row `row` (n*G + group) in the forward's
-    workspace Partials (N*G, SPANS, 3)."""
-    base = Partials + (row.to(tl.int64) * SPANS + j) * 3
+    """Pointers to the count, mean and M2 of span j of group row `row` (n*G + group, int64) in the
+    forward's workspace Partials (N*G, SPANS, 3)."""
+    base = Partials + (row * SPANS + j) * 3
     return base, base + 1, base + 2
 
 
 @triton.jit
-def load_partial_stats(Partials, row, gid_mask, k0, SPANS, BLOCK_SPANS: tl.constexpr):
-    """[R, BLOCK_SPANS] tiles of count, mean and M2 of spans k0.. of the groups `row` ([R, 1])."""
-    k = k0 + tl.arange(0, BLOCK_SPANS)[None, :]
-    k_mask = gid_mask[:, None] & (k < SPANS)
-    count_ptr, mean_ptr, m2_ptr = partial_stats(Partials, row, k, SPANS)
-    count = tl.load(count_ptr, mask=k_mask, other=0.0)
-    return count, tl.load(mean_ptr, mask=k_mask, other=0.0), tl.load(m2_ptr, mask=k_mask, other=0.0)
+def group_partials(Partials, row, SPANS):
+    """Where the spans of group row(s) `row` start in the forward's workspace, for loops over the spans
+    (span_stats): the row's offset is then formed once, outside the loop."""
+    return Partials + row * SPANS * 3
 
 
 @triton.jit
-def partial_sums(Partials, n, c, j, C, SPANS):
-    """Pointers to dz_sum and dz_xc_sum of channel c of sample n over span j in the backward's
-    workspace Partials (N, C, SPANS, 2)."""
-    base = Partials + ((n.to(tl.int64) * C + c) * SPANS + j) * 2
+def span_stats(spans, gid_mask, k0, SPANS, BLOCK_SPANS: tl.constexpr):
+    """Pointers to the count, mean and M2 of spans k0 .. k0 + BLOCK_SPANS - 1 of the groups at `spans`
+    (group_partials, [R, 1]), and the mask of those that exist: [R, BLOCK_SPANS] each."""
+    k = k0 + tl.arange(0, BLOCK_SPANS)[None, :]
+    k_mask = gid_mask[:, None] & (k < SPANS)
+    base = spans + k * 3
+    return base, base + 1, base + 2, k_mask
+
+
+@triton.jit
+def partial_sums(Partials, nc, j, SPANS):
+    """Pointers to dz_sum and dz_xc_sum of span j of channel row(s) nc (n*C + c, int64) in the
+    backward's workspace Partials (N, C, SPANS, 2)."""
+    base = Partials + (nc * SPANS + j) * 2
     return base, base + 1
 
 
 @triton.jit
-def dx_span(
-    x_sample, dy_sample, dx_sample, W, B, Scale_n, Shift_n, mean_hi, mean_lo, rstd, coef_x, coef_1,
-    c_begin, c_end, s_begin, s_end, C, S, Cg, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
-    """Write dx = a*dz + coef_x*(x - mean_hi) + coef_1 over a span (dz: dy, or dy*act'(z));
-    a = rstd*w*(1 + scale) is the folded affine's slope."""
-    for c0 in range(c_begin, c_end, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        member = group_membership(c, c_begin, c_end, Cg, R)
-        c_mask = c < c_end
-        a, b = channel_affine(
-            member, c, c_mask, W, B, Scale_n, Shift_n, mean_lo, rstd,
-            HAS_WEIGHT=HAS_WEIGHT, HAS_BIAS=HAS_BIAS, HAS_SCALE=HAS_SCALE, HAS_SHIFT=HAS_SHIFT, ACC=ACC,
-        )  # fmt: skip
-        hi = to_channels(member, mean_hi)
-        kx = to_channels(member, coef_x)
-        k1 = to_channels(member, coef_1)
-        for s0 in range(s_begin, s_end, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            mask = c_mask[:, None] & (s < s_end)[None, :]
-            offs = tile_offsets(c, s, C, S, CHANNELS_LAST, INDEX_64)
-            xc = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC) - hi[:, None]
-            dz = tl.load(dy_sample + offs, mask=mask, other=0.0).to(ACC)
-            if ACTIVATION != 0:
-                dz *= activation_grad(xc * a[:, None] + b[:, None], ACTIVATION)
-            dx = a[:, None] * dz + kx[:, None] * xc + k1[:, None]
-            tl.store(dx_sample + offs, dx.to(dx_sample.dtype.element_ty), mask=mask)
+def channel_partials(Partials, nc, SPANS):
+    """Where the spans of channel row(s) nc = n*C + c start in the backward's workspace, for loops over
+    the spans (span_sums): the row's offset is then formed once, outside the loop."""
+    return Partials + nc * SPANS * 2
+
+
+@triton.jit
+def span_sums(spans, j):
+    """Pointers to dz_sum and dz_xc_sum of span(s) j of the channel(s) at `spans` (channel_partials)."""
+    base = spans + j * 2
+    return base, base + 1
+
+
+@triton.jit
+def sum_spans(Partials, nc, mask, SPANS, ACC: tl.constexpr):
+    """dz_sum and dz_xc_sum of channel row(s) nc = n*C + c totalled over all spans, in span order."""
+    dz_sum = tl.zeros(mask.shape, ACC)
+    dz_xc_sum = tl.zeros(mask.shape, ACC)
+    spans = channel_partials(Partials, nc, SPANS)
+    for j in range(0, SPANS):
+        dz_ptr, dz_xc_ptr = span_sums(spans, j)
+        dz_sum += tl.load(dz_ptr, mask=mask, other=0.0)
+        dz_xc_sum += tl.load(dz_xc_ptr, mask=mask, other=0.0)
+    return dz_sum, dz_xc_sum

@@ -27,8 +27,8 @@ import triton.language as tl
 from ._tile import (
     channel_affine,
     channel_grad_sums,
+    channel_partials,
     dx_coefficients,
-    dx_span,
     effective_weight,
     group_block,
     group_membership,
@@ -36,30 +36,20 @@ from ._tile import (
     load_stats,
     partial_sums,
     span_bounds,
+    span_sums,
+    sum_spans,
     to_channels,
     to_groups,
+    write_span,
 )
 
 
 @triton.jit
 def _gn_bwd_fused_kernel(
-    X,  # (N, C, S) input of the forward
-    DY,  # (N, C, S) output gradient, X's layout
-    DX,  # (N, C, S) input gradient, X's dtype and layout; unused unless NEEDS_DX
-    W,  # (C,) weight; unused unless HAS_WEIGHT
-    B,  # (C,) bias; read only with a fused activation and HAS_BIAS
-    Scale,  # (N, C) per-sample scale; unused unless HAS_SCALE
-    Shift,  # (N, C) per-sample shift; read only with a fused activation and HAS_SHIFT
-    Mean,  # (N, G) ACC
-    MeanLo,  # (N, G) ACC
-    Rstd,  # (N, G) ACC
-    Partials,  # (N, C, 1, 2) ACC: per-(n, c) dz_sum, dz_xc_sum; unused unless NEEDS_PARTIALS
-    C, S, G, Cg,
+    X, DY, DX, W, B, Scale, Shift, Mean, MeanLo, Rstd, Partials, C, S, G, Cg,  # Partials: (N, C, 1, 2)
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    NEEDS_DX: tl.constexpr, NEEDS_PARTIALS: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
+    NEEDS_DX: tl.constexpr, NEEDS_PARTIALS: tl.constexpr,  # DX, or Partials (for the parameters' gradients)
 ):  # fmt: skip
     n, c_begin, c_end, gid, gid_mask = group_block(tl.program_id(0), G, Cg, C, R)
     x_sample = X + n.to(tl.int64) * C * S
@@ -73,21 +63,17 @@ def _gn_bwd_fused_kernel(
     for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         member = group_membership(c, c_begin, c_end, Cg, R)
-        a, b = channel_affine(
-            member, c, c < c_end, W, B, scale_n, shift_n, mean_lo, rstd,
-            HAS_WEIGHT=HAS_WEIGHT, HAS_BIAS=HAS_BIAS, HAS_SCALE=HAS_SCALE, HAS_SHIFT=HAS_SHIFT, ACC=ACC,
-        )  # fmt: skip
+        a, b = channel_affine(member, c, c < c_end, W, B, scale_n, shift_n, mean_lo, rstd, EPILOGUE, ACC)
         dz_sum, dz_xc_sum = channel_grad_sums(
-            x_sample, dy_sample, to_channels(member, mean_hi), a, b, c, c_end, 0, S, C, S,
-            BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S, ACTIVATION=ACTIVATION, CHANNELS_LAST=CHANNELS_LAST,
-            INDEX_64=INDEX_64, ACC=ACC,
+            x_sample, dy_sample, to_channels(member, mean_hi), a, b, c, c_end, 0, S, C, S, BLOCK_C, BLOCK_S,
+            EPILOGUE.ACTIVATION, LAYOUT, ACC,
         )  # fmt: skip
         if NEEDS_PARTIALS:
-            dz_ptr, dz_xc_ptr = partial_sums(Partials, n, c, 0, C, 1)
+            dz_ptr, dz_xc_ptr = partial_sums(Partials, n.to(tl.int64) * C + c, 0, 1)
             tl.store(dz_ptr, dz_sum, mask=c < c_end)
             tl.store(dz_xc_ptr, dz_xc_sum, mask=c < c_end)
-        if HAS_WEIGHT or HAS_SCALE:
-            w = effective_weight(c, c < c_end, W, scale_n, HAS_WEIGHT=HAS_WEIGHT, HAS_SCALE=HAS_SCALE, ACC=ACC)
+        if EPILOGUE.HAS_WEIGHT or EPILOGUE.HAS_SCALE:
+            w = effective_weight(c, c < c_end, W, scale_n, EPILOGUE, ACC)
             dz_sum *= w
             dz_xc_sum *= w
         dzw_sum += to_groups(member, dz_sum)
@@ -95,32 +81,20 @@ def _gn_bwd_fused_kernel(
 
     if NEEDS_DX:
         coef_x, coef_1 = dx_coefficients(dzw_sum, dzw_xc_sum, mean_lo, rstd, group_size(Cg, S, ACC))
-        dx_span(
-            x_sample, dy_sample, DX + n.to(tl.int64) * C * S, W, B, scale_n, shift_n, mean_hi, mean_lo, rstd,
-            coef_x, coef_1, c_begin, c_end, 0, S, C, S, Cg, R=R, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S,
-            HAS_WEIGHT=HAS_WEIGHT, HAS_BIAS=HAS_BIAS, HAS_SCALE=HAS_SCALE, HAS_SHIFT=HAS_SHIFT,
-            ACTIVATION=ACTIVATION, CHANNELS_LAST=CHANNELS_LAST, INDEX_64=INDEX_64, ACC=ACC,
+        write_span(
+            x_sample, DX + n.to(tl.int64) * C * S, W, B, scale_n, shift_n, mean_hi, mean_lo, rstd, c_begin, c_end,
+            0, S, C, S, Cg, R, BLOCK_C, BLOCK_S, EPILOGUE, LAYOUT, ACC, dy_sample, coef_x, coef_1, BACKWARD=True,
         )  # fmt: skip
 
 
 @triton.jit
 def _gn_bwd_partial_sums_kernel(
-    X,  # (N, C, S) input of the forward
-    DY,  # (N, C, S) output gradient, X's layout
-    W,  # (C,) weight; read only with a fused activation and HAS_WEIGHT
-    B,  # (C,) bias; read only with a fused activation and HAS_BIAS
-    Scale,  # (N, C) per-sample scale; read only with a fused activation and HAS_SCALE
-    Shift,  # (N, C) per-sample shift; read only with a fused activation and HAS_SHIFT
-    Mean,  # (N, G) ACC
-    MeanLo,  # (N, G) ACC
-    Rstd,  # (N, G) ACC
-    Partials,  # (N, C, SPANS, 2) ACC: per-(n, c, span) dz_sum, dz_xc_sum
-    block_offset, C, S, G, Cg, span, SPANS,
+    X, DY, W, B, Scale, Shift, Mean, MeanLo, Rstd, Partials, block_offset, C, S, G, Cg, span, SPANS,
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
+    """Per-(n, c, span) dz_sum, dz_xc_sum into Partials (N, C, SPANS, 2); W, B, Scale, Shift are read only
+    with a fused activation (dz = dy*act'(z) needs z)."""
     n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
     s_begin, s_end = span_bounds(j, span, S)
@@ -130,38 +104,21 @@ def _gn_bwd_partial_sums_kernel(
     for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         member = group_membership(c, c_begin, c_end, Cg, R)
-        a, b = channel_affine(
-            member, c, c < c_end, W, B, Scale + n * C, Shift + n * C, mean_lo, rstd,
-            HAS_WEIGHT=HAS_WEIGHT, HAS_BIAS=HAS_BIAS, HAS_SCALE=HAS_SCALE, HAS_SHIFT=HAS_SHIFT, ACC=ACC,
-        )  # fmt: skip
+        a, b = channel_affine(member, c, c < c_end, W, B, Scale + n * C, Shift + n * C, mean_lo, rstd, EPILOGUE, ACC)
         dz_sum, dz_xc_sum = channel_grad_sums(
-            x_sample, dy_sample, to_channels(member, mean_hi), a, b, c, c_end, s_begin, s_end, C, S,
-            BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S, ACTIVATION=ACTIVATION, CHANNELS_LAST=CHANNELS_LAST,
-            INDEX_64=INDEX_64, ACC=ACC,
+            x_sample, dy_sample, to_channels(member, mean_hi), a, b, c, c_end, s_begin, s_end, C, S, BLOCK_C,
+            BLOCK_S, EPILOGUE.ACTIVATION, LAYOUT, ACC,
         )  # fmt: skip
-        dz_ptr, dz_xc_ptr = partial_sums(Partials, n, c, j, C, SPANS)
+        dz_ptr, dz_xc_ptr = partial_sums(Partials, n.to(tl.int64) * C + c, j, SPANS)
         tl.store(dz_ptr, dz_sum, mask=c < c_end)
         tl.store(dz_xc_ptr, dz_xc_sum, mask=c < c_end)
 
 
 @triton.jit
 def _gn_bwd_split_dx_kernel(
-    X,  # (N, C, S) input of the forward
-    DY,  # (N, C, S) output gradient, X's layout
-    DX,  # (N, C, S) input gradient, X's dtype and layout
-    W,  # (C,) weight; unused unless HAS_WEIGHT
-    B,  # (C,) bias; read only with a fused activation and HAS_BIAS
-    Scale,  # (N, C) per-sample scale; unused unless HAS_SCALE
-    Shift,  # (N, C) per-sample shift; read only with a fused activation and HAS_SHIFT
-    Mean,  # (N, G) ACC
-    MeanLo,  # (N, G) ACC
-    Rstd,  # (N, G) ACC
-    Partials,  # (N, C, SPANS, 2) ACC, from _gn_bwd_partial_sums_kernel
-    block_offset, C, S, G, Cg, span, SPANS,
+    X, DY, DX, W, B, Scale, Shift, Mean, MeanLo, Rstd, Partials, block_offset, C, S, G, Cg, span, SPANS,
     BLOCK_SPANS: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
@@ -173,16 +130,17 @@ def _gn_bwd_split_dx_kernel(
     for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_mask = c < c_end
+        spans = channel_partials(Partials, (n.to(tl.int64) * C + c)[:, None], SPANS)
         dz_sum = tl.zeros([BLOCK_C], ACC)
         dz_xc_sum = tl.zeros([BLOCK_C], ACC)
         for k0 in range(0, SPANS, BLOCK_SPANS):  # BLOCK_SPANS spans per step, in a fixed order
             k = k0 + tl.arange(0, BLOCK_SPANS)[None, :]
             mask = c_mask[:, None] & (k < SPANS)
-            dz_ptr, dz_xc_ptr = partial_sums(Partials, n, c[:, None], k, C, SPANS)
+            dz_ptr, dz_xc_ptr = span_sums(spans, k)
             dz_sum += tl.sum(tl.load(dz_ptr, mask=mask, other=0.0), axis=1)
             dz_xc_sum += tl.sum(tl.load(dz_xc_ptr, mask=mask, other=0.0), axis=1)
-        if HAS_WEIGHT or HAS_SCALE:
-            w = effective_weight(c, c_mask, W, Scale + n * C, HAS_WEIGHT=HAS_WEIGHT, HAS_SCALE=HAS_SCALE, ACC=ACC)
+        if EPILOGUE.HAS_WEIGHT or EPILOGUE.HAS_SCALE:
+            w = effective_weight(c, c_mask, W, Scale + n * C, EPILOGUE, ACC)
             dz_sum *= w
             dz_xc_sum *= w
         member = group_membership(c, c_begin, c_end, Cg, R)
@@ -191,24 +149,18 @@ def _gn_bwd_split_dx_kernel(
 
     coef_x, coef_1 = dx_coefficients(dzw_sum, dzw_xc_sum, mean_lo, rstd, group_size(Cg, S, ACC))
     s_begin, s_end = span_bounds(j, span, S)
-    dx_span(
-        X + n.to(tl.int64) * C * S, DY + n.to(tl.int64) * C * S, DX + n.to(tl.int64) * C * S, W, B,
-        Scale + n * C, Shift + n * C, mean_hi, mean_lo, rstd, coef_x, coef_1, c_begin, c_end, s_begin, s_end,
-        C, S, Cg, R=R, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S,
-        HAS_WEIGHT=HAS_WEIGHT, HAS_BIAS=HAS_BIAS, HAS_SCALE=HAS_SCALE, HAS_SHIFT=HAS_SHIFT,
-        ACTIVATION=ACTIVATION, CHANNELS_LAST=CHANNELS_LAST, INDEX_64=INDEX_64, ACC=ACC,
+    x_sample = X + n.to(tl.int64) * C * S
+    dy_sample = DY + n.to(tl.int64) * C * S
+    dx_sample = DX + n.to(tl.int64) * C * S
+    write_span(
+        x_sample, dx_sample, W, B, Scale + n * C, Shift + n * C, mean_hi, mean_lo, rstd, c_begin, c_end,
+        s_begin, s_end, C, S, Cg, R, BLOCK_C, BLOCK_S, EPILOGUE, LAYOUT, ACC, dy_sample, coef_x, coef_1, BACKWARD=True,
     )  # fmt: skip
 
 
 @triton.jit
 def _gn_bwd_dparams_kernel(
-    Partials,  # (N, C, SPANS, 2) ACC: per-(n, c, span) dz_sum, dz_xc_sum
-    MeanLo,  # (N, G) ACC
-    Rstd,  # (N, G) ACC
-    Scale,  # (N, C) per-sample scale; unused unless HAS_SCALE
-    DW,  # (C,) weight gradient, weight's dtype; unused unless NEEDS_DW
-    DB,  # (C,) bias gradient, bias's dtype; unused unless NEEDS_DB
-    N, C, G, Cg, SPANS,
+    Partials, MeanLo, Rstd, Scale, DW, DB, N, C, G, Cg, SPANS,  # Partials: (N, C, SPANS, 2)
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SCALE: tl.constexpr,
     NEEDS_DW: tl.constexpr, NEEDS_DB: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -221,12 +173,7 @@ def _gn_bwd_dparams_kernel(
     for n0 in range(0, N, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         mask = (n < N)[:, None] & c_mask[None, :]
-        dz_sum = tl.zeros([BLOCK_N, BLOCK_C], ACC)
-        dz_xc_sum = tl.zeros([BLOCK_N, BLOCK_C], ACC)
-        for j in range(0, SPANS):
-            dz_ptr, dz_xc_ptr = partial_sums(Partials, n[:, None], c[None, :], j, C, SPANS)
-            dz_sum += tl.load(dz_ptr, mask=mask, other=0.0)
-            dz_xc_sum += tl.load(dz_xc_ptr, mask=mask, other=0.0)
+        dz_sum, dz_xc_sum = sum_spans(Partials, n.to(tl.int64)[:, None] * C + c[None, :], mask, SPANS, ACC)
         if HAS_SCALE:  # the gradient reaching the affine is dz*(1 + scale[n, c])
             gain = 1.0 + tl.load(Scale + n[:, None] * C + c[None, :], mask=mask, other=0.0).to(ACC)
             dz_sum *= gain
@@ -245,14 +192,7 @@ def _gn_bwd_dparams_kernel(
 
 @triton.jit
 def _gn_bwd_dscale_shift_kernel(
-    Partials,  # (N, C, SPANS, 2) ACC: per-(n, c, span) dz_sum, dz_xc_sum
-    W,  # (C,) weight; unused unless HAS_WEIGHT
-    B,  # (C,) bias; unused unless HAS_BIAS
-    MeanLo,  # (N, G) ACC
-    Rstd,  # (N, G) ACC
-    DScale,  # (N, C) scale gradient, scale's dtype; unused unless NEEDS_DSCALE
-    DShift,  # (N, C) shift gradient, shift's dtype; unused unless NEEDS_DSHIFT
-    C, G, Cg, SPANS,
+    Partials, W, B, MeanLo, Rstd, DScale, DShift, C, G, Cg, SPANS,  # Partials: (N, C, SPANS, 2)
     BLOCK_C: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     NEEDS_DSCALE: tl.constexpr, NEEDS_DSHIFT: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -261,12 +201,7 @@ def _gn_bwd_dscale_shift_kernel(
     n = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    dz_sum = tl.zeros([BLOCK_C], ACC)
-    dz_xc_sum = tl.zeros([BLOCK_C], ACC)
-    for j in range(0, SPANS):
-        dz_ptr, dz_xc_ptr = partial_sums(Partials, n, c, j, C, SPANS)
-        dz_sum += tl.load(dz_ptr, mask=c_mask, other=0.0)
-        dz_xc_sum += tl.load(dz_xc_ptr, mask=c_mask, other=0.0)
+    dz_sum, dz_xc_sum = sum_spans(Partials, n.to(tl.int64) * C + c, c_mask, SPANS, ACC)
     if NEEDS_DSHIFT:
         tl.store(DShift + n * C + c, dz_sum.to(DShift.dtype.element_ty), mask=c_mask)
     if NEEDS_DSCALE:

@@ -22,71 +22,51 @@ import triton.language as tl
 from ._tile import (
     finalize_stats,
     group_block,
-    load_partial_stats,
+    group_partials,
     load_pilot,
-    normalize_span,
     partial_stats,
     shifted_stats,
     span_bounds,
+    span_stats,
     store_stats,
+    write_span,
 )
 
 
 @triton.jit
 def _gn_fwd_fused_kernel(
-    X,  # (N, C, S) input, fp16/bf16/fp32/fp64, layout given by CHANNELS_LAST
-    Y,  # (N, C, S) output, X's dtype and layout
-    W,  # (C,) weight (any float dtype); unused unless HAS_WEIGHT
-    B,  # (C,) bias (any float dtype); unused unless HAS_BIAS
-    Scale,  # (N, C) per-sample scale: z *= 1 + scale; unused unless HAS_SCALE
-    Shift,  # (N, C) per-sample shift: z += shift; unused unless HAS_SHIFT
-    Mean,  # (N, G) ACC: group mean rounded to ACC
-    MeanLo,  # (N, G) ACC: mean - Mean (the rounding residual)
-    Rstd,  # (N, G) ACC: 1/sqrt(var + eps)
-    C, S, G, Cg, eps_hi, eps_lo,  # eps = eps_hi + eps_lo (fp32 each)
-    R: tl.constexpr,  # groups per program
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    ACTIVATION: tl.constexpr,  # 0 none, 1 SiLU, 2 GELU, 3 GELU (tanh), applied after the affine
-    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    X, Y, W, B, Scale, Shift, Mean, MeanLo, Rstd, C, S, G, Cg, eps_hi, eps_lo,
+    R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     n, c_begin, c_end, gid, gid_mask = group_block(tl.program_id(0), G, Cg, C, R)
     x_sample = X + n.to(tl.int64) * C * S
     y_sample = Y + n.to(tl.int64) * C * S
 
-    pilot = load_pilot(x_sample, c_begin, c_end, Cg, C, S, R, CHANNELS_LAST, ACC)
-    count, mean, m2 = shifted_stats(
-        x_sample, pilot, c_begin, c_end, 0, S, C, S, Cg, R, BLOCK_C, BLOCK_S, CHANNELS_LAST, INDEX_64, ACC
-    )
+    pilot = load_pilot(x_sample, c_begin, c_end, Cg, C, S, R, LAYOUT, ACC)
+    count, mean, m2 = shifted_stats(x_sample, pilot, c_begin, c_end, 0, S, C, S, Cg, R, BLOCK_C, BLOCK_S, LAYOUT, ACC)
     mean_hi, mean_lo, rstd = finalize_stats(count, mean, m2, pilot, eps_hi, eps_lo, ACC)
     store_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask, mean_hi, mean_lo, rstd)
-    normalize_span(
+    write_span(
         x_sample, y_sample, W, B, Scale + n * C, Shift + n * C, mean_hi, mean_lo, rstd, c_begin, c_end, 0, S,
-        C, S, Cg, R=R, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S,
-        HAS_WEIGHT=HAS_WEIGHT, HAS_BIAS=HAS_BIAS, HAS_SCALE=HAS_SCALE, HAS_SHIFT=HAS_SHIFT,
-        ACTIVATION=ACTIVATION, CHANNELS_LAST=CHANNELS_LAST, INDEX_64=INDEX_64, ACC=ACC,
+        C, S, Cg, R, BLOCK_C, BLOCK_S, EPILOGUE, LAYOUT, ACC,
     )  # fmt: skip
 
 
 @triton.jit
 def _gn_fwd_partial_stats_kernel(
-    X,  # (N, C, S) input
-    Partials,  # (N*G, SPANS, 3) ACC: count, mean and M2 of x - pilot over each span of each group
-    block_offset, C, S, G, Cg, span,
-    SPANS,  # spans per group (runtime: it only sizes the workspace)
-    R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    X, Partials, block_offset, C, S, G, Cg, span, SPANS,  # Partials: (N*G, SPANS, 3) count, mean, M2 of x - pilot
+    R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
     s_begin, s_end = span_bounds(j, span, S)
     x_sample = X + n.to(tl.int64) * C * S
 
-    pilot = load_pilot(x_sample, c_begin, c_end, Cg, C, S, R, CHANNELS_LAST, ACC)
+    pilot = load_pilot(x_sample, c_begin, c_end, Cg, C, S, R, LAYOUT, ACC)
     count, mean, m2 = shifted_stats(
-        x_sample, pilot, c_begin, c_end, s_begin, s_end, C, S, Cg, R, BLOCK_C, BLOCK_S,
-        CHANNELS_LAST, INDEX_64, ACC,
-    )  # fmt: skip
+        x_sample, pilot, c_begin, c_end, s_begin, s_end, C, S, Cg, R, BLOCK_C, BLOCK_S, LAYOUT, ACC
+    )
     count_ptr, mean_ptr, m2_ptr = partial_stats(Partials, n.to(tl.int64) * G + gid, j, SPANS)
     tl.store(count_ptr, count, mask=gid_mask)
     tl.store(mean_ptr, mean, mask=gid_mask)
@@ -95,21 +75,10 @@ def _gn_fwd_partial_stats_kernel(
 
 @triton.jit
 def _gn_fwd_split_apply_kernel(
-    X,  # (N, C, S) input
-    Y,  # (N, C, S) output, X's dtype and layout
-    W,  # (C,) weight; unused unless HAS_WEIGHT
-    B,  # (C,) bias; unused unless HAS_BIAS
-    Scale,  # (N, C) per-sample scale; unused unless HAS_SCALE
-    Shift,  # (N, C) per-sample shift; unused unless HAS_SHIFT
-    Partials,  # (N*G, SPANS, 3) ACC, from _gn_fwd_partial_stats_kernel
-    Mean,  # (N, G) ACC
-    MeanLo,  # (N, G) ACC
-    Rstd,  # (N, G) ACC
-    block_offset, C, S, G, Cg, span, SPANS, eps_hi, eps_lo,
+    X, Y, W, B, Scale, Shift, Partials, Mean, MeanLo, Rstd, block_offset, C, S, G, Cg, span, SPANS, eps_hi, eps_lo,
     BLOCK_SPANS: tl.constexpr,  # spans merged per step
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    ACTIVATION: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, ACC: tl.constexpr,
+    EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
@@ -118,28 +87,28 @@ def _gn_fwd_split_apply_kernel(
 
     # Merge each group's partials in a fixed order, BLOCK_SPANS spans at a time (two passes over the
     # small workspace): mean = sum(n_k m_k)/sum(n_k), then M2 = sum(M2_k) + sum(n_k (m_k - mean)^2).
-    row = (n.to(tl.int64) * G + gid)[:, None]
+    spans = group_partials(Partials, (n.to(tl.int64) * G + gid)[:, None], SPANS)
     count = tl.zeros([R], ACC)
     total = tl.zeros([R], ACC)
     for k0 in range(0, SPANS, BLOCK_SPANS):
-        part_count, part_mean, _ = load_partial_stats(Partials, row, gid_mask, k0, SPANS, BLOCK_SPANS)
+        count_ptr, mean_ptr, _, k_mask = span_stats(spans, gid_mask, k0, SPANS, BLOCK_SPANS)
+        part_count = tl.load(count_ptr, mask=k_mask, other=0.0)
         count += tl.sum(part_count, axis=1)
-        total += tl.sum(part_count * part_mean, axis=1)
+        total += tl.sum(part_count * tl.load(mean_ptr, mask=k_mask, other=0.0), axis=1)
     mean = total / tl.maximum(count, 1.0)  # count 0: padding groups
     m2 = tl.zeros([R], ACC)
     for k0 in range(0, SPANS, BLOCK_SPANS):
-        part_count, part_mean, part_m2 = load_partial_stats(Partials, row, gid_mask, k0, SPANS, BLOCK_SPANS)
-        dev = part_mean - mean[:, None]
-        m2 += tl.sum(part_m2 + part_count * dev * dev, axis=1)
+        count_ptr, mean_ptr, m2_ptr, k_mask = span_stats(spans, gid_mask, k0, SPANS, BLOCK_SPANS)
+        part_count = tl.load(count_ptr, mask=k_mask, other=0.0)
+        dev = tl.load(mean_ptr, mask=k_mask, other=0.0) - mean[:, None]
+        m2 += tl.sum(tl.load(m2_ptr, mask=k_mask, other=0.0) + part_count * dev * dev, axis=1)
 
-    pilot = load_pilot(x_sample, c_begin, c_end, Cg, C, S, R, CHANNELS_LAST, ACC)
+    pilot = load_pilot(x_sample, c_begin, c_end, Cg, C, S, R, LAYOUT, ACC)
     mean_hi, mean_lo, rstd = finalize_stats(count, mean, m2, pilot, eps_hi, eps_lo, ACC)
     if j == 0:
         store_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask, mean_hi, mean_lo, rstd)
     s_begin, s_end = span_bounds(j, span, S)
-    normalize_span(
+    write_span(
         x_sample, y_sample, W, B, Scale + n * C, Shift + n * C, mean_hi, mean_lo, rstd, c_begin, c_end,
-        s_begin, s_end, C, S, Cg, R=R, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S,
-        HAS_WEIGHT=HAS_WEIGHT, HAS_BIAS=HAS_BIAS, HAS_SCALE=HAS_SCALE, HAS_SHIFT=HAS_SHIFT,
-        ACTIVATION=ACTIVATION, CHANNELS_LAST=CHANNELS_LAST, INDEX_64=INDEX_64, ACC=ACC,
+        s_begin, s_end, C, S, Cg, R, BLOCK_C, BLOCK_S, EPILOGUE, LAYOUT, ACC,
     )  # fmt: skip

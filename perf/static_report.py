@@ -148,6 +148,9 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
     as the runtime marks 16-byte-aligned pointers and multiple-of-16 sizes."""
     constexprs = dict(spec.constexprs)
     constexprs["ACC"] = tl.float64 if spec.dtype == "fp64" else tl.float32
+    for name, bundle in (("EPILOGUE", kernels.Epilogue), ("LAYOUT", kernels.Layout)):  # a spec's flags, flat
+        if name in fn.arg_names:
+            constexprs[name] = bundle(*(constexprs.pop(field) for field in bundle._fields))
     stats = "*fp64" if spec.dtype == "fp64" else "*fp32"
     data = TL_DTYPES[spec.dtype]
     signature, attrs = {}, {}
