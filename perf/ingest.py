@@ -12,7 +12,6 @@ never reaches the README.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import sys
@@ -21,16 +20,10 @@ from pathlib import Path
 import pandas as pd
 
 from . import plot, summary
+from .rows import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE_START, TABLE_END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
-
-
-def load(folder: Path) -> tuple[dict, dict[str, pd.DataFrame]]:
-    """run.json and every CSV of a run folder (absent files are absent keys)."""
-    run = json.loads((folder / "run.json").read_text())
-    frames = {p.stem: pd.read_csv(p) for p in sorted(folder.glob("*.csv")) if p.stat().st_size}
-    return run, frames
 
 
 def sweep_meta(run: dict) -> dict:
@@ -157,7 +150,7 @@ def performance_table(results: Path) -> str:
     of the copy bandwidth at batch 1 and 32."""
     rows = []
     for folder in sorted(p for p in results.iterdir() if (p / "run.json").exists() and (p / "sweep.csv").exists()):
-        run, frames = load(folder)
+        run, frames = load_run(folder)
         if run.get("env", {}).get("device") != "cuda":
             continue
         sweep = frames["sweep"]
@@ -199,14 +192,14 @@ def main(argv=None) -> int:
     parser.add_argument("dest", type=Path, nargs="?", help="results folder (default perf/results/<gpu-name>/)")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = parser.parse_args(argv)
-    run, _ = load(args.source)
+    run, _ = load_run(args.source)
     dest = args.dest or default_dest(run)
     dest.mkdir(parents=True, exist_ok=True)
     if dest.resolve() != args.source.resolve():
         for path in args.source.iterdir():
             if path.is_file() and not path.name.startswith("."):
                 shutil.copy2(path, dest / path.name)
-    run, frames = load(dest)
+    run, frames = load_run(dest)
     for path in plots(dest, run, frames.get("sweep")):
         print(f"plot: {path}")
     print(f"wrote {write_summary(dest, run, frames)}")

@@ -94,8 +94,8 @@ def plot_all(df: pd.DataFrame, meta: dict, out: Path) -> list[Path]:
 
 def main(argv=None) -> int:
     folder = Path((argv or sys.argv[1:])[0]).parent
-    meta, df = load_run(folder)
-    for path in plot_all(df, meta, folder):
+    meta, frames = load_run(folder)
+    for path in plot_all(frames["sweep"], meta, folder):
         print(path)
     return 0
 

@@ -89,11 +89,16 @@ def _cell(value):
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
-def load_run(folder: Path, all_runs: bool = False) -> tuple[dict, pd.DataFrame]:
-    """(run.json, sweep.csv rows) of a results folder: the latest run's rows unless all_runs."""
+def load_run(folder: Path, all_runs: bool = False) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """run.json and every CSV of a results folder (a sweep's or an evidence run's) by name: "sweep",
+    "correctness", ... (an empty file is left out). A CSV that several runs appended to is cut to the
+    latest run's rows unless all_runs."""
     folder = Path(folder)
     meta = json.loads((folder / "run.json").read_text())
-    df = pd.read_csv(folder / "sweep.csv")
-    if not all_runs and "run_id" in df and df["run_id"].nunique() > 1:
-        df = df[df["run_id"] == df["run_id"].iloc[-1]]
-    return meta, df
+    frames = {}
+    for path in sorted(p for p in folder.glob("*.csv") if p.stat().st_size):
+        df = pd.read_csv(path)
+        if not all_runs and "run_id" in df and df["run_id"].nunique() > 1:
+            df = df[df["run_id"] == df["run_id"].iloc[-1]]
+        frames[path.stem] = df
+    return meta, frames

@@ -159,7 +159,8 @@ def write_functional_summary(df: pd.DataFrame, meta: dict, path: Path) -> str:
 
 def main(argv=None) -> int:
     folder = Path((argv or sys.argv[1:])[0]).parent
-    meta, df = load_run(folder)
+    meta, frames = load_run(folder)
+    df = frames["sweep"]
     print(console_table(df))
     write_summary(df, meta, folder / "SUMMARY.md")
     print(f"wrote {folder / 'SUMMARY.md'}")

@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         run_points(points, lambda activation: provs, rows, run, timer, copy_gbps, progress=bar.update)
     rows.close()
 
-    _, df = load_run(out)
+    df = load_run(out)[1]["sweep"]
     print(f"\nwrote {out / 'sweep.csv'} ({len(df)} rows of run {run['run_id']}) and {out / 'run.json'}")
     if has_gpu:
         print(summary.console_table(df))

@@ -103,7 +103,8 @@ def test_rows_append_per_run_and_readers_take_the_latest(tmp_path):
             rows.write(Row(run_id=run_id, provider="gn_triton", N=N + 1, status="ok", ms=1.5))
         rows.close()
     assert (tmp_path / "sweep.csv").read_text().count("run_id") == 1
-    meta, latest = load_run(tmp_path)
+    meta, frames = load_run(tmp_path)
+    latest = frames["sweep"]
     assert meta == {"device": "x"} and list(latest["run_id"]) == ["2026-01-02"]
-    assert len(load_run(tmp_path, all_runs=True)[1]) == 3
+    assert len(load_run(tmp_path, all_runs=True)[1]["sweep"]) == 3
     assert list(latest.columns) == COLUMNS
