@@ -3,6 +3,7 @@
     python -m perf.static_report            # every kernel of every plan the autotuner can pick
     python -m perf.static_report --quick    # the heuristic plans and the largest tiles (the test suite)
     make static-report TRITON_SPEC=triton==3.6.0 STATIC_ARGS=--quick   # under another triton
+    python -m perf.static_report --quick --compare before.json   # a refactor: same code, variant by variant
 
 For each kernel and config it compiles a cubin for sm_80 and sm_90 with the same divisibility-by-16
 specialisation the runtime applies to aligned pointers and sizes, and reads with the cuobjdump that
@@ -240,11 +241,31 @@ def launches_per_call() -> list[str]:
     ]
 
 
+METRICS = ("registers", "spill_bytes", "shared_bytes", "widest_load_bits", "global_loads", "error")
+
+
+def compare(before: list[dict], after: list[dict]) -> list[str]:
+    """Variant by variant (kernel, dtype, layout, arch, warps, constexprs), what differs between two
+    reports in the metrics: a refactor that should not change the generated code shows none."""
+
+    def variants(rows):
+        return {tuple(sorted((k, str(v)) for k, v in r.items() if k not in METRICS)): r for r in rows}
+
+    old, new = variants(before), variants(after)
+    lines = [f"only in one report: {dict(key)}" for key in old.keys() ^ new.keys()]
+    for key in old.keys() & new.keys():
+        changed = {m: (old[key].get(m), new[key].get(m)) for m in METRICS if old[key].get(m) != new[key].get(m)}
+        if changed:
+            lines.append(f"{new[key]['kernel']} {new[key]['dtype']} {new[key]['arch']} {dict(key)}: {changed}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="heuristic plans and largest tiles (the tests)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--compare", type=Path, help="a report's JSON (--json) to compare variant by variant")
     args = parser.parse_args(argv)
     rows = run(args.quick, args.jobs)
     print("\n".join(launches_per_call()))
@@ -269,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     max_registers = max((r["registers"] for r in compiled), default=0)
     print(f"triton {triton.__version__}: {len(rows)} compilations, {len(failed)} failed, {spilled} spill, "
           f"max registers {max_registers}")  # fmt: skip
+    if args.compare:
+        differences = compare(json.loads(args.compare.read_text()), rows)
+        print("\n".join(differences) or f"identical to {args.compare}, variant by variant")
+        return 1 if failed or differences else 0
     return 1 if failed else 0
 
 

@@ -67,6 +67,18 @@ def test_no_register_spills(report):
     assert [r for r in report if r["spill_bytes"]] == []
 
 
+def test_compare_names_each_variant_that_changed(report):
+    from perf.static_report import compare
+
+    assert compare(report, report) == []
+    changed = [dict(r) for r in report]
+    changed[3]["registers"] += 1
+    del changed[5]
+    differences = compare(report, changed)
+    assert len(differences) == 2 and "registers" in " ".join(differences)
+    assert sum(d.startswith("only in one report") for d in differences) == 1
+
+
 def test_load_widths_of_every_global_load():
     from perf.static_report import load_widths
 
