@@ -1,26 +1,65 @@
-# gn_triton: `make test` and `make bench` each work on a fresh machine with nothing installed.
-# torch is installed first and explicitly (a CPU build unless you say otherwise), so that pip never
-# resolves a bare `torch` requirement to a multi-GB CUDA build; override with TORCH_SPEC=...
+# gn_triton: `make test` and `make bench` each work on a fresh machine with only Python 3.10+ and make.
+#
+# The software stacks the suite runs on (README.md, "Support"), each installed from the package index by
+# exact pins into its own virtual environment: torch first, then triton, then the package, so pip never
+# swaps the torch build. No GPU is needed: the kernels run in Triton's interpreter, and the CUDA builds of
+# torch import on a CPU-only machine.
+#   make test          torch 2.13.0 + triton 3.7.1, what torch 2.13 from the package index pins (.venv):
+#                      lint and the whole suite
+#   make test-stacks   torch 2.11.0 + triton 3.6.0, the floor: the whole suite but the slow families, which
+#                      run there as one smoke test each; torch 2.13.0 + triton 3.9.0, the newest triton (what
+#                      a CPU build of torch, which pins no triton, gets): API, module, autograd, compile and
+#                      one path per kernel
+# torch==2.13.0 and torch==2.11.0 are CUDA builds of several GB from the package index (a CPU build of
+# 2.13.0 where pip is pointed at one). Override the pins of `make test` with TORCH_SPEC=... TRITON_SPEC=...
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+DEFAULT_TRITON_SPEC := triton==3.7.1
+TRITON_SPEC ?= $(DEFAULT_TRITON_SPEC)
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test bench lint static-report notebooks evidence rehearse-evidence clean
+FLOOR_TORCH := 2.11.0
+FLOOR_TRITON := 3.6.0
+NEWEST_TORCH := 2.13.0
+NEWEST_TRITON := 3.9.0
+FLOOR_VENV := .venv-stacks/torch$(FLOOR_TORCH)-triton$(FLOOR_TRITON)
+NEWEST_VENV := .venv-stacks/torch$(NEWEST_TORCH)-triton$(NEWEST_TRITON)
+FLOOR_PYTEST_ARGS ?= -m "not slow_family or smoke"
+NEWEST_PYTEST_ARGS ?= -m "stack_subset"
 
-$(VENV)/.torch:
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+.PHONY: test test-stacks test-floor test-newest bench lint static-report notebooks evidence rehearse-evidence clean
+
+# $(call new_venv,DIR,TORCH_SPEC,TRITON_SPEC): a virtual environment holding exactly that torch and triton.
+define new_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q "$(2)"
+	$(1)/bin/python -m pip install -q "$(3)"
+	$(1)/bin/python -c "import torch, triton; print('$(1):', 'torch', torch.__version__, 'triton', triton.__version__)"
+endef
+
+$(VENV)/.stack:
+	$(call new_venv,$(VENV),$(TORCH_SPEC),$(TRITON_SPEC))
 	touch $@
 
-$(VENV)/.test: $(VENV)/.torch pyproject.toml
-	$(PY) -m pip install -e ".[test,models,notebooks]"
+$(VENV)/.test: $(VENV)/.stack pyproject.toml
+	$(PY) -m pip install -q -e ".[test,models,notebooks]"
 	touch $@
 
-$(VENV)/.perf: $(VENV)/.torch pyproject.toml
-	$(PY) -m pip install -e ".[perf]"
+$(VENV)/.perf: $(VENV)/.stack pyproject.toml
+	$(PY) -m pip install -q -e ".[perf]"
+	touch $@
+
+$(FLOOR_VENV)/.test: pyproject.toml
+	$(call new_venv,$(FLOOR_VENV),torch==$(FLOOR_TORCH),triton==$(FLOOR_TRITON))
+	$(FLOOR_VENV)/bin/python -m pip install -q -e ".[test,models,notebooks]"
+	touch $@
+
+$(NEWEST_VENV)/.test: pyproject.toml
+	$(call new_venv,$(NEWEST_VENV),torch==$(NEWEST_TORCH),triton==$(NEWEST_TRITON))
+	$(NEWEST_VENV)/bin/python -m pip install -q -e ".[test,models,notebooks]"
 	touch $@
 
 lint: $(VENV)/.test
@@ -30,14 +69,22 @@ lint: $(VENV)/.test
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+test-floor: $(FLOOR_VENV)/.test
+	$(FLOOR_VENV)/bin/python -m pytest $(FLOOR_PYTEST_ARGS) $(PYTEST_ARGS)
+
+test-newest: $(NEWEST_VENV)/.test
+	$(NEWEST_VENV)/bin/python -m pytest $(NEWEST_PYTEST_ARGS) $(PYTEST_ARGS)
+
+test-stacks: test-floor test-newest
+
 # The main job: the batch-size sweep against torch eager, torch.compile and peers (on a GPU), or a
 # small functional sweep in Triton's interpreter when no GPU is present (it says so). CSV and plots
 # go to perf/out/<device>/.
 bench: $(VENV)/.perf
 	$(PY) -m perf.sweep $(BENCH_ARGS)
 
-# The GPU evidence run (perf/gpu_evidence.py): `make evidence OUT=DIR` on the GPU machine itself (its own
-# python, offline: no venv), or its rehearsal here on the CPU (Triton's interpreter, tiny shapes).
+# The time-boxed GPU benchmark job (perf/README.md): `make evidence OUT=DIR` on a GPU host with torch and
+# triton installed (no network needed), or its rehearsal on a CPU (Triton's interpreter, tiny shapes).
 OUT ?= perf/out/evidence
 BUDGET ?= 480
 evidence:
@@ -51,22 +98,19 @@ rehearse-evidence: $(VENV)/.perf
 notebooks: $(VENV)/.test
 	$(PY) notebooks/run.py
 
-# Ahead-of-time compilation report (no GPU needed), in .venv; or under another triton in its own venv
-# (torch first, then that triton, then the package): make static-report TRITON_SPEC=triton==3.6.0
-TRITON_SPEC ?=
+# Ahead-of-time compilation report (no GPU needed) under .venv's triton, or under another triton in its
+# own environment: make static-report TRITON_SPEC=triton==3.6.0 STATIC_ARGS=--quick
 STATIC_ARGS ?=
 comma := ,
-STATIC_VENV := $(if $(TRITON_SPEC),.venv-static/$(subst =,,$(subst <,,$(subst >,,$(subst $(comma),_,$(TRITON_SPEC))))),$(VENV))
+STATIC_VENV := $(if $(filter $(DEFAULT_TRITON_SPEC),$(TRITON_SPEC)),$(VENV),.venv-static/$(subst =,,$(subst <,,$(subst >,,$(subst $(comma),_,$(TRITON_SPEC))))))
 
-static-report: $(if $(TRITON_SPEC),$(STATIC_VENV)/.ready,$(VENV)/.test)
+static-report: $(if $(filter $(DEFAULT_TRITON_SPEC),$(TRITON_SPEC)),$(VENV)/.test,$(STATIC_VENV)/.ready)
 	$(STATIC_VENV)/bin/python -m perf.static_report $(STATIC_ARGS)
 
 .venv-static/%/.ready:
-	$(PYTHON) -m venv .venv-static/$*
-	.venv-static/$*/bin/python -m pip install "$(TORCH_SPEC)"
-	.venv-static/$*/bin/python -m pip install "$(TRITON_SPEC)"
-	.venv-static/$*/bin/python -m pip install --no-deps -e .
+	$(call new_venv,.venv-static/$*,$(TORCH_SPEC),$(TRITON_SPEC))
+	.venv-static/$*/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
 clean:
-	rm -rf $(VENV) .venv-static perf/out .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-stacks .venv-static perf/out .pytest_cache .ruff_cache .hypothesis

@@ -9,7 +9,8 @@
 Importing touches no GPU.
 """
 
-from . import _ops  # noqa: F401  (registers the gn_triton:: custom ops)
+from . import _checks, _ops  # noqa: F401  (_ops registers the gn_triton:: custom ops)
+from ._interpreter import fix_loop_bounds as _fix_loop_bounds
 from .functional import group_norm
 from .modules import GroupNorm, convert_model, revert_model
 
@@ -23,6 +24,9 @@ __all__ = [
     "revert_model",
     "__version__",
 ]
+
+if _checks.INTERPRET:
+    _fix_loop_bounds()
 
 
 def __getattr__(name: str):

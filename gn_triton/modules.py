@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from . import _checks
 from .functional import group_norm
+
+# torch.nn.GroupNorm gained its keyword-only `bias` after torch 2.11: where it is missing, GroupNorm
+# drops the bias itself, so bias=False gives the same module (parameters, state_dict, repr) everywhere.
+_TORCH_TAKES_BIAS = "bias" in inspect.signature(torch.nn.GroupNorm.__init__).parameters
 
 
 class GroupNorm(torch.nn.GroupNorm):
@@ -30,7 +36,12 @@ class GroupNorm(torch.nn.GroupNorm):
         bias: bool = True,
         activation: str | None = None,
     ) -> None:
-        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
+        if _TORCH_TAKES_BIAS:
+            super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
+        else:
+            super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+            if affine and not bias:
+                self.bias = None  # unregisters the parameter, as torch's own bias=False does
         _checks.check_activation(activation)
         self.activation = activation
 
@@ -44,8 +55,16 @@ class GroupNorm(torch.nn.GroupNorm):
             shift=shift,
         )  # fmt: skip
 
+    def reset_parameters(self) -> None:
+        if _TORCH_TAKES_BIAS or self.bias is not None:
+            super().reset_parameters()
+        elif self.affine:
+            torch.nn.init.ones_(self.weight)
+
     def extra_repr(self) -> str:
         extra = super().extra_repr()
+        if not _TORCH_TAKES_BIAS and self.affine and self.bias is None:
+            extra += ", bias=False"
         return extra if self.activation is None else f"{extra}, activation={self.activation!r}"
 
 

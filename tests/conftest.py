@@ -36,7 +36,38 @@ def pytest_report_header(config):
     return f"gn_triton tests: device={config.gn_device} ({mode})"
 
 
+# Which tests each software stack runs (Makefile: `make test` runs all; `make test-stacks` selects with
+# these markers). Node ids are matched by prefix.
+# The slow families, each with the smoke test that every stack runs:
+SLOW_FAMILIES = {
+    "tests/test_notebooks.py": "tests/test_notebooks.py::test_notebook_runs_in_fast_mode[01_quickstart",
+    "tests/test_perf.py": "tests/test_perf.py::test_functional_sweep_end_to_end",
+    "tests/test_gpu_evidence.py": "tests/test_gpu_evidence.py::test_stages_run_in_order",
+    "tests/test_static_report.py": "tests/test_static_report.py::test_every_kernel_compiles_for_sm80_and_sm90",
+    "tests/test_diffusers.py": "tests/test_diffusers.py::test_converted_model_matches[AutoencoderKL",
+    "tests/test_compile_fusion.py": "tests/test_compile_fusion.py::test_unconverted_sequential_calls_gn_triton",
+    "tests/test_models.py::test_ddp": "tests/test_models.py::test_ddp",
+}
+# The newest-triton stack's subset: API, module, autograd, compile, and every kernel on one path each.
+STACK_SUBSET = (
+    "tests/test_api.py",
+    "tests/test_launch_path.py",
+    "tests/test_models.py",
+    "tests/test_compile_fusion.py",
+    "tests/test_correctness.py::test_paths[nchw-",
+    "tests/test_epilogues.py::test_activation_matches_reference[weight+bias-torch.float32-split",
+)
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for family, smoke in SLOW_FAMILIES.items():
+            if item.nodeid.startswith(family):
+                item.add_marker(pytest.mark.slow_family)
+                if item.nodeid.startswith(smoke):
+                    item.add_marker(pytest.mark.smoke)
+        if item.nodeid.startswith(STACK_SUBSET):
+            item.add_marker(pytest.mark.stack_subset)
     if config.gn_device != "cuda":
         skip = pytest.mark.skip(reason="needs a CUDA device (run with --device=cuda on a GPU)")
         for item in items:
