@@ -10,10 +10,10 @@ Importing touches no GPU.
 """
 
 from . import _ops  # noqa: F401  (registers the gn_triton:: custom ops)
+from ._version import __version__
 from .functional import group_norm
 from .modules import GroupNorm, convert_model, revert_model
 
-__version__ = "0.1.0"
 __all__ = [
     "GroupNorm",
     "convert_model",
