@@ -21,6 +21,7 @@ import pandas as pd
 
 from . import plot, summary
 from .rows import load_run
+from .summary import performance_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE_START, TABLE_END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
@@ -142,38 +143,6 @@ def plots(folder: Path, run: dict, sweep: pd.DataFrame | None) -> list[Path]:
         return []
     plain = sweep[sweep["activation"].fillna("none") == "none"]
     return plot.plot_all(plain, sweep_meta(run), folder)
-
-
-def performance_table(results: Path) -> str:
-    """The README's table from every committed GPU results folder: per device, mode, dtype and
-    layout, the geometric-mean speedup over torch eager and torch.compile and gn_triton's median %
-    of the copy bandwidth at batch 1 and 32."""
-    rows = []
-    for folder in sorted(p for p in results.iterdir() if (p / "run.json").exists() and (p / "sweep.csv").exists()):
-        run, frames = load_run(folder)
-        if run.get("env", {}).get("device") != "cuda":
-            continue
-        sweep = frames["sweep"]
-        table = summary.speedups(sweep[(sweep["stage"] == "core") & (sweep["activation"].fillna("none") == "none")])
-        for (mode, dtype, layout), part in table.groupby(["mode", "dtype", "layout"], sort=False):
-            peer = part.set_index("peer")["geomean_speedup"]
-            first = part.iloc[0]
-            rows.append(f"| {run['env']['gpu']} | {mode} | {dtype} | {layout} | "
-                        f"{_x(peer.get('torch_eager'))} | {_x(peer.get('torch_compile'))} | "
-                        f"{_pct(first['pct_copy_bw_N1'])} | {_pct(first['pct_copy_bw_N32'])} |")  # fmt: skip
-    header = ["| GPU | mode | dtype | layout | vs torch eager | vs torch.compile | % copy BW, batch 1 | "
-              "% copy BW, batch 32 |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    if not rows:
-        rows = ["| — | — | — | — | not measured | not measured | not measured | not measured |"]
-    return "\n".join(header + rows)
-
-
-def _x(value) -> str:
-    return "—" if value is None or value != value else f"{value:.2f}×"
-
-
-def _pct(value) -> str:
-    return "—" if value != value else f"{value:.0f}%"
 
 
 def update_readme(text: str, table: str) -> str:

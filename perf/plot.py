@@ -4,11 +4,13 @@
 
 For each (mode, dtype, layout): throughput (GB/s of floor bytes) vs batch size on a log2 axis, one
 line per provider, one panel per shape, and a dashed line at the copy bandwidth measured in the
-same run; and the speedup of gn_triton over each peer.
+same run; and the speedup of gn_triton over each peer. A functional run (Triton's interpreter on a
+CPU) gets one plot instead, errors.png: each provider's error against the float64 reference.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -92,10 +94,42 @@ def plot_all(df: pd.DataFrame, meta: dict, out: Path) -> list[Path]:
     return paths + ([speedup] if speedup else [])
 
 
+def error_figure(df: pd.DataFrame, meta: dict, path: Path) -> Path:
+    """A functional run's plot: each provider's error against the float64 reference at every point it
+    ran, per dtype (the interpreter's timings are no throughput, so no timing is drawn)."""
+    checked = df[df["check_error"].notna()].reset_index(drop=True)
+    dtypes = list(dict.fromkeys(checked["dtype"]))
+    fig, axes = plt.subplots(1, max(1, len(dtypes)), figsize=(5.5 * max(1, len(dtypes)), 3.6), squeeze=False)
+    for ax, dtype in zip(axes.flat, dtypes):
+        part = checked[checked["dtype"] == dtype]
+        points = {key: k for k, key in enumerate(dict.fromkeys(zip(part["shape"], part["N"], part["mode"],
+                                                                   part["layout"])))}  # fmt: skip
+        for provider, rows in part.groupby("provider"):
+            x = [points[key] for key in zip(rows["shape"], rows["N"], rows["mode"], rows["layout"])]
+            ax.scatter(x, rows["check_error"].clip(lower=1e-17), s=12, label=provider, color=COLORS.get(provider))
+        ax.set_yscale("log")
+        ax.set_title(dtype, fontsize=10)
+        ax.set_xlabel("point (shape, batch, mode, layout)")
+        ax.set_ylabel("max error / max |float64 reference|")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"FUNCTIONAL CHECK in Triton's interpreter on {meta['device']}: error against the float64 "
+                 "reference (not performance)", fontsize=10)  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
-    folder = Path((argv or sys.argv[1:])[0]).parent
+    parser = argparse.ArgumentParser(prog="python -m perf.plot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("csv", type=Path, help="a sweep.csv beside its run.json; plots go beside it")
+    folder = parser.parse_args(argv).csv.parent
     meta, frames = load_run(folder)
-    for path in plot_all(frames["sweep"], meta, folder):
+    df = frames["sweep"]
+    functional = meta.get("run_kind") != "gpu-performance"
+    for path in [error_figure(df, meta, folder / "errors.png")] if functional else plot_all(df, meta, folder):
         print(path)
     return 0
 

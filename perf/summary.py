@@ -10,6 +10,7 @@ for tensors >= 16 MB) are checked and every miss is listed.
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -122,23 +123,35 @@ def model_predictions(device: str = "h100", batches=(1, 8, 32)) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_functional_summary(df: pd.DataFrame, meta: dict, path: Path) -> str:
-    """SUMMARY.md of a functional run (no GPU): returns the text, also for the console."""
-    from .ingest import performance_table
+def functional_counts(df: pd.DataFrame) -> pd.DataFrame:
+    """Per provider and dtype: results checked, correct (within perf.measure's sanity bound of the
+    float64 reference), incorrect, not run, and the largest error (max error / max |reference|)."""
+    rows = []
+    for (provider, dtype), part in df.groupby(["provider", "dtype"], sort=False):
+        status = part["status"].astype(str)
+        rows.append(dict(provider=provider, dtype=dtype, checked=int((~status.str.startswith("skipped")).sum()),
+                         correct=int((status == "ok").sum()), incorrect=int(status.str.startswith("wrong").sum()),
+                         errors=int(status.str.startswith("error").sum()),
+                         max_error=part["check_error"].max()))  # fmt: skip
+    return pd.DataFrame(rows)
 
+
+def write_functional_summary(df: pd.DataFrame, meta: dict, path: Path) -> str:
+    """SUMMARY.md of a functional run (no GPU). Returns its short part, for the console."""
     results = Path(__file__).parent / "results"
     committed = sorted(results.glob("*/SUMMARY.md"))
-    checks = df[["provider", "mode", "dtype", "layout", "shape", "N", "status", "check_error"]]
-    lines = [
+    short = [
         f"# gn_triton functional check on {meta['device']}",
         "",
         "**No GPU here.** Triton's interpreter ran gn_triton's kernels on tiny shapes and every result was",
-        "checked against the float64 reference; interpreter timings say nothing about GPU speed and are",
-        "not reported as throughput.",
+        "checked against the float64 reference (torch eager beside it); interpreter timings say nothing about",
+        "GPU speed and are not reported as throughput.",
         "",
-        "## Correctness against the float64 reference (max error / max |reference|)",
+        "## Correct results against the float64 reference, per dtype (error: max error / max |reference|)",
         "",
-        checks.to_markdown(index=False, floatfmt=".2g"),
+        functional_counts(df).to_markdown(index=False, floatfmt=".2g"),
+    ]
+    lines = short + [
         "",
         "## GPU results committed under perf/results/",
         "",
@@ -152,13 +165,47 @@ def write_functional_summary(df: pd.DataFrame, meta: dict, path: Path) -> str:
         "",
         f"torch {meta['torch']} · triton {meta['triton']} · gn_triton {meta['gn_triton']} (commit {meta['commit']})",
     ]
-    text = "\n".join(lines) + "\n"
-    path.write_text(text)
-    return text
+    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(short)
+
+
+def performance_table(results: Path) -> str:
+    """The README's table from every committed GPU results folder: per device, mode, dtype and
+    layout, the geometric-mean speedup over torch eager and torch.compile and gn_triton's median %
+    of the copy bandwidth at batch 1 and 32."""
+    rows = []
+    for folder in sorted(p for p in results.iterdir() if (p / "run.json").exists() and (p / "sweep.csv").exists()):
+        run, frames = load_run(folder)
+        if run.get("env", {}).get("device") != "cuda":
+            continue
+        sweep = frames["sweep"]
+        table = speedups(sweep[(sweep["stage"] == "core") & (sweep["activation"].fillna("none") == "none")])
+        for (mode, dtype, layout), part in table.groupby(["mode", "dtype", "layout"], sort=False):
+            peer = part.set_index("peer")["geomean_speedup"]
+            first = part.iloc[0]
+            rows.append(f"| {run['env']['gpu']} | {mode} | {dtype} | {layout} | "
+                        f"{_x(peer.get('torch_eager'))} | {_x(peer.get('torch_compile'))} | "
+                        f"{_pct(first['pct_copy_bw_N1'])} | {_pct(first['pct_copy_bw_N32'])} |")  # fmt: skip
+    header = ["| GPU | mode | dtype | layout | vs torch eager | vs torch.compile | % copy BW, batch 1 | "
+              "% copy BW, batch 32 |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    if not rows:
+        rows = ["| — | — | — | — | not measured | not measured | not measured | not measured |"]
+    return "\n".join(header + rows)
+
+
+def _x(value) -> str:
+    return "—" if value is None or value != value else f"{value:.2f}×"
+
+
+def _pct(value) -> str:
+    return "—" if value != value else f"{value:.0f}%"
 
 
 def main(argv=None) -> int:
-    folder = Path((argv or sys.argv[1:])[0]).parent
+    parser = argparse.ArgumentParser(prog="python -m perf.summary", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("csv", type=Path, help="a sweep.csv beside its run.json")
+    folder = parser.parse_args(argv).csv.parent
     meta, frames = load_run(folder)
     df = frames["sweep"]
     print(console_table(df))
