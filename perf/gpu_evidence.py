@@ -57,6 +57,7 @@ import torch
 from .evidence import calibration, correctness, env, throughput, tools, traffic
 from .evidence.job import Clock, Context, Job, now
 from .measure import use_interpreter
+from .rows import command_line
 
 FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -175,8 +176,7 @@ def check_output_folder(out: Path, max_files: int) -> list[str]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m perf.gpu_evidence", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = command_line("python -m perf.gpu_evidence", __doc__)
     p.add_argument("--out", type=Path, help="output folder (flat: every file at its top level)")
     p.add_argument("--budget-s", type=float, default=480, help="seconds for all stages (default 480)")
     p.add_argument("--max-files", type=int, default=8, help="files the output folder may hold (default 8)")

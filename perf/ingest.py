@@ -11,7 +11,6 @@ never reaches the README.
 
 from __future__ import annotations
 
-import argparse
 import re
 import shutil
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import plot, summary
-from .rows import load_run
+from .rows import command_line, load_run
 from .summary import performance_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,9 +40,12 @@ def _md(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False, floatfmt=".3g") if len(df) else "(no rows)"
 
 
-def correctness_section(df: pd.DataFrame | None) -> list[str]:
-    if df is None:
-        return ["No correctness rows."]
+def section(frames: dict[str, pd.DataFrame], name: str, write) -> list[str]:
+    """A summary section from the run's `name`.csv, or a line saying there is none."""
+    return write(frames[name]) if name in frames else [f"No {name} rows."]
+
+
+def correctness_section(df: pd.DataFrame) -> list[str]:
     lines = [f"{int((df['status'] == 'ok').sum())} of {len(df)} cases pass every check."]
     bad = df[df["status"] != "ok"]
     if len(bad):
@@ -51,9 +53,7 @@ def correctness_section(df: pd.DataFrame | None) -> list[str]:
     return lines
 
 
-def calibration_section(df: pd.DataFrame | None) -> list[str]:
-    if df is None:
-        return ["No calibration rows."]
+def calibration_section(df: pd.DataFrame) -> list[str]:
     ok = df[df["status"] == "ok"]
     rows = []
     for (problem, n, direction, layout), part in ok.groupby(["problem", "N", "direction", "layout"], sort=False):
@@ -80,9 +80,7 @@ def calibration_section(df: pd.DataFrame | None) -> list[str]:
     return lines
 
 
-def traffic_section(df: pd.DataFrame | None) -> list[str]:
-    if df is None:
-        return ["No traffic rows."]
+def traffic_section(df: pd.DataFrame) -> list[str]:
     cols = [c for c in ("shape", "N", "path", "direction", "launches", "traffic_over_floor", "status") if c in df]
     return [_md(df[cols])]
 
@@ -101,7 +99,7 @@ def write_summary(folder: Path, run: dict, frames: dict[str, pd.DataFrame]) -> P
               f"Result: **{run.get('result')}**", "", "## Stages", ""]  # fmt: skip
     stages = pd.DataFrame(run.get("stages", []))
     lines += [_md(stages[[c for c in ("stage", "name", "status", "seconds", "note", "warm_up") if c in stages]]), ""]
-    lines += ["## Correctness against the float64 reference", ""] + correctness_section(frames.get("correctness"))
+    lines += ["## Correctness against the float64 reference", ""] + section(frames, "correctness", correctness_section)
     sweep = frames.get("sweep")
     lines += ["", "## Throughput (core table and broader sweep)", ""]
     if sweep is None:
@@ -114,8 +112,8 @@ def write_summary(folder: Path, run: dict, frames: dict[str, pd.DataFrame]) -> P
             if len(misses) and not rehearsal:
                 lines += ["Below the bandwidth targets:", "", _md(misses), ""]
     lines += ["", "## Plan calibration (ms per call; heuristic vs the best candidate and the autotuner)", ""]
-    lines += calibration_section(frames.get("calibration"))
-    lines += ["", "## DRAM traffic over the floor (ncu)", ""] + traffic_section(frames.get("traffic"))
+    lines += section(frames, "calibration", calibration_section)
+    lines += ["", "## DRAM traffic over the floor (ncu)", ""] + section(frames, "traffic", traffic_section)
     sanitizer = folder / "sanitizer.txt"
     lines += ["", "## compute-sanitizer memcheck", ""]
     lines += [_sanitizer_result(sanitizer.read_text()) if sanitizer.exists() else "Not run."]
@@ -151,8 +149,7 @@ def default_dest(run: dict) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m perf.ingest", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = command_line("python -m perf.ingest", __doc__)
     parser.add_argument("source", type=Path, help="the job's output folder (perf.gpu_evidence --out)")
     parser.add_argument("dest", type=Path, nargs="?", help="results folder (default perf/results/<gpu-name>/)")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")

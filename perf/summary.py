@@ -10,7 +10,6 @@ for tensors >= 16 MB) are checked and every miss is listed.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import pandas as pd
 
 from gn_triton._cost import FLOOR_TRANSFERS
 
-from .rows import load_run
+from .rows import load_csv_argument, load_run
 from .suites import DEFAULT_SUITES, SUITES
 
 TARGET_PCT = {"fwd": 80.0, "bwd": 70.0}
@@ -202,12 +201,7 @@ def _pct(value) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m perf.summary", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("csv", type=Path, help="a sweep.csv beside its run.json")
-    folder = parser.parse_args(argv).csv.parent
-    meta, frames = load_run(folder)
-    df = frames["sweep"]
+    folder, meta, df = load_csv_argument("python -m perf.summary", __doc__, argv)
     print(console_table(df))
     write_summary(df, meta, folder / "SUMMARY.md")
     print(f"wrote {folder / 'SUMMARY.md'}")

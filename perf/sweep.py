@@ -25,7 +25,6 @@ time-boxed benchmark job for a GPU host is `python -m perf.gpu_evidence` (perf/R
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import platform
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .measure import DTYPES, Point, Timer, copy_bandwidth, run_columns, run_points, use_interpreter
-from .rows import RowFile, load_run
+from .rows import RowFile, command_line, load_run
 from .suites import BATCHES, DEFAULT_SUITES, FUNCTIONAL_SUITES, SUITES, Shape
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -64,7 +63,7 @@ class Sweep:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_line("python -m perf.sweep", __doc__)
     p.add_argument("--suite", nargs="+", choices=sorted(SUITES), help="shape suites (default: sd_unet sd_vae)")
     p.add_argument("--shape", nargs="+", default=[], help="shapes N x C x spatial : G as explain takes them, e.g. "
                    "2x320x64x64:32; their N are the batch sizes unless --batch is given")  # fmt: skip
