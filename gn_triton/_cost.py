@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._launches import plan_launches
+
 SECTOR_BYTES = 32
 PROGRAMS_PER_SM_TO_SATURATE = 2  # a launch needs about this many programs per SM to keep HBM busy
 L2_OVER_HBM = 2.5  # L2 read bandwidth over HBM copy bandwidth (H100/H200: roughly 2-3x)
@@ -154,13 +156,13 @@ def predict(direction: str, p, plan, device: DeviceModel) -> Prediction:
         resident = min(blocks, device.sms * programs_per_sm(plan.block_c, plan.block_s, plan.num_warps))
         miss = max(0.0, 1 - budget / (resident * block_read))
         second = miss * tensor * reads
-        programs, waves, launches = blocks, 1, 1
+        programs, waves = blocks, 1
     else:
         spans = plan.span(p.S)[1]
         counts = [count for _, count in plan.waves(p)]
         second = sum(max(0.0, 1 - budget / (c * block_read)) * c * block_read for c in counts)
-        programs, waves, launches = max(counts) * spans, len(counts), 2 * len(counts)
-    launches += direction == "bwd"  # the dweight/dbias reduction
+        programs, waves = max(counts) * spans, len(counts)
+    launches = len(plan_launches(direction, p, plan))
     hbm = (floor + second) * sector_waste
     from_l2 = (tensor * reads - second) * sector_waste
     saturation = min(1.0, programs / (PROGRAMS_PER_SM_TO_SATURATE * device.sms))

@@ -18,12 +18,14 @@ import csv
 import dataclasses
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from . import _cost, _tuning
 from ._cost import DEVICES, DeviceModel, Prediction
+from ._launches import plan_launches
 from ._tuning import Plan, Problem
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -70,9 +72,10 @@ def describe(direction: str, p: Problem, plan: Plan, pred: Prediction, device: D
             f"split: {plural(pred.waves, 'wave')} of {plural(pred.programs // spans, 'block')} x "
             f"{plural(spans, 'span')} = {plural(pred.programs, 'program')} per launch, 2 launches per wave"
         )
-    tail = " + 1 dweight/dbias reduction" if direction == "bwd" else ""
+    kernels = Counter(launch.kernel for launch in plan_launches(direction, p, plan))
     return [
-        f"  {path}{tail}: {plural(pred.launches, 'launch', 'launches')} per call",
+        f"  {path}: {plural(pred.launches, 'launch', 'launches')} per call",
+        "  kernels: " + ", ".join(f"{name} x{count}" for name, count in kernels.items()),
         f"  plan: {plan}",
         f"  HBM bytes: {pred.hbm_bytes / 1e6:.1f} MB predicted vs {pred.floor_bytes / 1e6:.1f} MB floor "
         f"({pred.traffic_over_floor:.2f}x)",
