@@ -111,8 +111,9 @@ def model_predictions(device: str = "h100", batches=(1, 8, 32)) -> pd.DataFrame:
         for N in batches:
             for layout in ("contiguous", "channels_last"):
                 for mode in ("fwd", "bwd"):
-                    p = _tuning.Problem(N, shape.C, math.prod(shape.spatial), shape.G, torch.bfloat16,
-                                        layout == "channels_last", True, True)  # fmt: skip
+                    p = _tuning.Problem(N=N, C=shape.C, S=math.prod(shape.spatial), G=shape.G, dtype=torch.bfloat16,
+                                        channels_last=layout == "channels_last", has_weight=True,
+                                        has_bias=True)  # fmt: skip
                     plan, pred = _tuning.ranked_plans(mode, p, model)[0]
                     kind = "fused" if plan.split == 1 else f"split, {pred.waves} wave(s)"
                     rows.append(dict(shape=shape.label, N=N, layout=layout, mode=mode, plan=kind,
