@@ -83,8 +83,8 @@ test-stacks: test-floor test-newest
 bench: $(VENV)/.perf
 	$(PY) -m perf.sweep $(BENCH_ARGS)
 
-# The time-boxed GPU benchmark job (perf/README.md): `make evidence OUT=DIR` on a GPU host with torch and
-# triton installed (no network needed), or its rehearsal on a CPU (Triton's interpreter, tiny shapes).
+# The time-boxed GPU benchmark job (perf/README.md): `make evidence OUT=DIR` on a GPU host (its own
+# python, no network needed: no venv), or its rehearsal on a CPU (Triton's interpreter, tiny shapes).
 OUT ?= perf/out/evidence
 BUDGET ?= 480
 evidence:

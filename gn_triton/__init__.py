@@ -11,10 +11,10 @@ Importing touches no GPU.
 
 from . import _checks, _ops  # noqa: F401  (_ops registers the gn_triton:: custom ops)
 from ._interpreter import fix_loop_bounds as _fix_loop_bounds
+from ._version import __version__
 from .functional import group_norm
 from .modules import GroupNorm, convert_model, revert_model
 
-__version__ = "0.1.0"
 __all__ = [
     "GroupNorm",
     "convert_model",

@@ -20,9 +20,9 @@ issues. The model, per direction (forward reads x and writes y; backward reads x
   report's cuobjdump counts are the truth; this only has to rank plans).
 
 It ranks the planner's candidates (gn_triton._tuning) and predicts what `python -m gn_triton.explain`
-prints. Device figures: SMs and L2 from the device; copy bandwidth and launch cost from DEVICES
-(measured where said, defaults elsewhere) until a GPU run's results (perf/results/<gpu>/) calibrate
-them.
+prints. Device figures: SMs and L2 from the device (from the spec sheet for a modelled device);
+copy bandwidth and launch cost from DEVICES (defaults, each entry says which) until a GPU run's
+results (perf/results/<gpu>/) calibrate them.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from ._launches import plan_launches
 
 SECTOR_BYTES = 32
 PROGRAMS_PER_SM_TO_SATURATE = 2  # a launch needs about this many programs per SM to keep HBM busy
@@ -45,7 +47,7 @@ class DeviceModel:
     l2_bytes: int
     copy_gbps: float  # device-to-device copy: (read + write) bytes per second / 1e9
     launch_us: float  # host time of one kernel launch from Python
-    source: str = ""  # where the figures come from
+    source: str = ""  # where the copy bandwidth and launch cost come from
 
     @property
     def l2_budget(self) -> int:
@@ -53,23 +55,27 @@ class DeviceModel:
         return self.l2_bytes // 2
 
 
+# SMs and L2 from the spec sheets; copy bandwidth a default of about 90% of the spec sheet's HBM
+# bandwidth (what a device-to-device copy reaches in practice); launch cost a default. A GPU run of
+# the evidence job measures both (perf/README.md): its figures replace these.
 DEVICES = {
     "h100": DeviceModel("NVIDIA H100 80GB HBM3", 132, 50 << 20, 3000.0, 6.0,
-                        "SMs and L2 from torch; copy bandwidth measured once on an H100 here; launch cost a default"),
+                        "copy bandwidth a default, 90% of the spec sheet's 3.35 TB/s; launch cost a default"),
     "h200": DeviceModel("NVIDIA H200", 132, 60 << 20, 4300.0, 6.0,
-                        "SMs and L2 from torch; copy bandwidth measured once on an H200 here; launch cost a default"),
+                        "copy bandwidth a default, 90% of the spec sheet's 4.8 TB/s; launch cost a default"),
     "a100": DeviceModel("NVIDIA A100-SXM4-80GB", 108, 40 << 20, 1700.0, 6.0,
-                        "datasheet SMs and L2; copy bandwidth and launch cost defaults, not measured here"),
+                        "copy bandwidth a default, 83% of the spec sheet's 2.04 TB/s; launch cost a default"),
 }  # fmt: skip
+
+
+def _key(name: str) -> str:
+    """The DEVICES key found in a device's name ("" if none)."""
+    return next((key for key in DEVICES if key in name.lower()), "")
 
 
 def known_device(name: str) -> DeviceModel:
     """The DEVICES entry whose key is in the device's name (an H100 by default)."""
-    lowered = name.lower()
-    for key, model in DEVICES.items():
-        if key in lowered:
-            return model
-    return DEVICES["h100"]
+    return DEVICES[_key(name) or "h100"]
 
 
 @functools.cache
@@ -79,8 +85,10 @@ def _cuda_name(device: torch.device) -> str:
 
 def device_model(device: torch.device, sms: int, l2_bytes: int) -> DeviceModel:
     """The model of a CUDA device: its own SM count and L2, the table's bandwidth and launch cost."""
-    known = known_device(_cuda_name(device))
-    return DeviceModel(_cuda_name(device), sms, l2_bytes, known.copy_gbps, known.launch_us, known.source)
+    name = _cuda_name(device)
+    known = known_device(name)
+    source = known.source if _key(name) else f"{name} is not in the table: the {known.name}'s figures"
+    return DeviceModel(name, sms, l2_bytes, known.copy_gbps, known.launch_us, f"SMs and L2 from the device; {source}")
 
 
 @dataclass(frozen=True)
@@ -148,13 +156,13 @@ def predict(direction: str, p, plan, device: DeviceModel) -> Prediction:
         resident = min(blocks, device.sms * programs_per_sm(plan.block_c, plan.block_s, plan.num_warps))
         miss = max(0.0, 1 - budget / (resident * block_read))
         second = miss * tensor * reads
-        programs, waves, launches = blocks, 1, 1
+        programs, waves = blocks, 1
     else:
         spans = plan.span(p.S)[1]
         counts = [count for _, count in plan.waves(p)]
         second = sum(max(0.0, 1 - budget / (c * block_read)) * c * block_read for c in counts)
-        programs, waves, launches = max(counts) * spans, len(counts), 2 * len(counts)
-    launches += direction == "bwd"  # the dweight/dbias reduction
+        programs, waves = max(counts) * spans, len(counts)
+    launches = len(plan_launches(direction, p, plan))
     hbm = (floor + second) * sector_waste
     from_l2 = (tensor * reads - second) * sector_waste
     saturation = min(1.0, programs / (PROGRAMS_PER_SM_TO_SATURATE * device.sms))

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import triton
 
+from ._version import __version__
+
 _loaded: dict[Path, dict[str, dict]] = {}
 
 
@@ -31,8 +33,6 @@ def cache_dir() -> Path:
 
 
 def cache_file(device: torch.device) -> Path:
-    from . import __version__
-
     name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
     versions = f"{name}-torch{torch.__version__}-triton{triton.__version__}-gn_triton{__version__}"
     return cache_dir() / f"plans-{re.sub(r'[^A-Za-z0-9._-]+', '_', versions)}.json"

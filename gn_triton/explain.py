@@ -2,58 +2,80 @@
 
     python -m gn_triton.explain 2x128x512x512:32 --dtype bf16 --layout channels_last --device h100
 
-SHAPE is N x C x spatial... with the group count after the colon (default 32). For the forward and
-the backward it prints the heuristic plan (the cost model's cheapest; the autotuner times it first
-among its few candidates), programs per launch, waves, launches, the predicted HBM bytes against the
-floor and the predicted time as % of the device's copy bandwidth. Every figure it prints is a
-model's prediction, labelled so, except the measured line, which appears when a GPU run's results
-for that device are committed under perf/results/.
+SHAPE is x's shape, N x C x spatial..., with the group count after the colon (default 32); the same
+grammar as `python -m perf.sweep --shape`. For the forward and the backward it prints the heuristic
+plan (the cost model's cheapest; the autotuner times it first among its few candidates), programs
+per launch, waves, launches, the predicted HBM bytes against the floor and the predicted time as %
+of the device's copy bandwidth. Every figure it prints is a model's prediction, labelled so, except
+the measured line, which appears when a GPU run's results for that device are committed under
+perf/results/.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from . import _cost, _tuning
 from ._cost import DEVICES, DeviceModel, Prediction
+from ._launches import plan_launches
 from ._tuning import Plan, Problem
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 RESULTS = Path(__file__).resolve().parents[1] / "perf" / "results"  # present in a checkout of the repository
+SHAPE_HELP = "x's shape N x C x spatial... and the groups after a colon (default 32), e.g. 2x320x64x64:32"
 
 
 def parse_shape(text: str) -> tuple[tuple[int, ...], int]:
-    """'2x128x512x512:32' -> ((2, 128, 512, 512), 32)."""
+    """'2x128x512x512:32' -> ((2, 128, 512, 512), 32): x's shape (N, C, *spatial) and its groups.
+    Raises ValueError, naming the text, on anything else."""
     dims, _, groups = text.partition(":")
-    shape = tuple(int(d) for d in dims.lower().split("x"))
-    if len(shape) < 2:
-        raise ValueError(f"explain: SHAPE needs at least N and C, e.g. 2x320x64x64:32, got {text!r}")
-    return shape, int(groups or 32)
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+        G = int(groups or 32)
+    except ValueError:
+        raise ValueError(f"SHAPE must be N x C x spatial... : groups, e.g. 2x320x64x64:32, got {text!r}") from None
+    if len(shape) < 2 or min(shape) < 0:
+        raise ValueError(f"SHAPE needs at least N and C, none negative, e.g. 2x320x64x64:32, got {text!r}")
+    if G <= 0:
+        raise ValueError(f"num_groups must be positive, got num_groups={G}")
+    if shape[1] % G:
+        raise ValueError(f"C={shape[1]} is not divisible by num_groups={G}")
+    return shape, G
 
 
 def problem(shape: tuple[int, ...], groups: int, dtype: torch.dtype, channels_last: bool) -> Problem:
-    if shape[1] % groups:
-        raise ValueError(f"explain: C={shape[1]} is not divisible by num_groups={groups}")
-    return Problem(shape[0], shape[1], math.prod(shape[2:]), groups, dtype, channels_last, True, True)
+    return Problem(N=shape[0], C=shape[1], S=math.prod(shape[2:]), G=groups, dtype=dtype,
+                   channels_last=channels_last, has_weight=True, has_bias=True)  # fmt: skip
+
+
+def plural(count: int, word: str, words: str = "") -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {words or word + 's'}"
 
 
 def describe(direction: str, p: Problem, plan: Plan, pred: Prediction, device: DeviceModel) -> list[str]:
     plan = plan.fit(p)
     if plan.split == 1:
-        path = f"fused: 1 launch of {pred.programs} programs (a block of {plan.groups_per_program} group(s) each)"
+        path = (f"fused: 1 launch of {plural(pred.programs, 'program')} "
+                f"(a block of {plural(plan.groups_per_program, 'group')} each)")  # fmt: skip
     else:
         spans = plan.span(p.S)[1]
-        path = (f"split: {pred.waves} wave(s) of {pred.programs // spans} block(s) x {spans} spans = "
-                f"{pred.programs} programs per launch, 2 launches per wave")  # fmt: skip
-    tail = " + 1 dweight/dbias reduction" if direction == "bwd" else ""
+        plan = dataclasses.replace(plan, split=spans)  # the programs a block actually runs on
+        path = (
+            f"split: {plural(pred.waves, 'wave')} of {plural(pred.programs // spans, 'block')} x "
+            f"{plural(spans, 'span')} = {plural(pred.programs, 'program')} per launch, 2 launches per wave"
+        )
+    kernels = Counter(launch.kernel for launch in plan_launches(direction, p, plan))
     return [
-        f"  {path}{tail}: {pred.launches} launches per call",
+        f"  {path}: {plural(pred.launches, 'launch', 'launches')} per call",
+        "  kernels: " + ", ".join(f"{name} x{count}" for name, count in kernels.items()),
         f"  plan: {plan}",
         f"  HBM bytes: {pred.hbm_bytes / 1e6:.1f} MB predicted vs {pred.floor_bytes / 1e6:.1f} MB floor "
         f"({pred.traffic_over_floor:.2f}x)",
@@ -81,13 +103,17 @@ def measured(device: DeviceModel, direction: str, shape: tuple[int, ...], groups
 
 
 def explain(shape: tuple[int, ...], groups: int, dtype: str, layout: str, device: DeviceModel) -> str:
-    p = problem(shape, groups, DTYPES[dtype], layout == "channels_last")
     lines = [
         f"GroupNorm of x {shape}, {groups} groups, {dtype}, {layout}, on {device.name} "
         f"({device.sms} SMs, {device.l2_bytes >> 20} MiB L2, {device.copy_gbps:.0f} GB/s copy, "
-        f"{device.launch_us:.0f} us per launch: {device.source})",
-        "PREDICTED BY gn_triton's COST MODEL (gn_triton/_cost.py), not measured.",
+        f"{device.launch_us:.0f} us per launch)",
+        f"Device figures: SMs and L2 from the spec sheet; {device.source}.",
     ]
+    if math.prod(shape) == 0:
+        return "\n".join(lines + ["Empty input: no kernel is launched; the result is empty (dweight and dbias, "
+                                  "when asked for, are zero)."])  # fmt: skip
+    p = problem(shape, groups, DTYPES[dtype], layout == "channels_last")
+    lines.append("PREDICTED BY gn_triton's COST MODEL (gn_triton/_cost.py), not measured.")
     for direction, name in (("fwd", "forward"), ("bwd", "backward")):
         plan, pred = _tuning.ranked_plans(direction, p, device)[0]
         lines += ["", f"{name}:"] + describe(direction, p, plan, pred, device)
@@ -99,17 +125,18 @@ def explain(shape: tuple[int, ...], groups: int, dtype: str, layout: str, device
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("shape", help="N x C x spatial... : groups, e.g. 2x128x512x512:32")
+    parser = argparse.ArgumentParser(prog="python -m gn_triton.explain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("shape", metavar="SHAPE", help=SHAPE_HELP)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--layout", choices=("contiguous", "channels_last"), default="contiguous")
-    parser.add_argument("--device", choices=sorted(DEVICES), default="h100")
+    parser.add_argument("--device", choices=sorted(DEVICES), default="h100", help="the modelled GPU (default h100)")
     args = parser.parse_args(argv)
     try:
         shape, groups = parse_shape(args.shape)
-        print(explain(shape, groups, args.dtype, args.layout, DEVICES[args.device]))
     except ValueError as exc:
         parser.error(str(exc))
+    print(explain(shape, groups, args.dtype, args.layout, DEVICES[args.device]))
     return 0
 
 

@@ -1,8 +1,8 @@
-"""Turn a GPU evidence run's files into committed results: on the CPU, after the device call.
+"""Turn the GPU benchmark job's files into committed results (on any machine, after the job).
 
-    python -m perf.ingest FILES_AT [perf/results/<gpu-name>/] [--readme README.md]
+    python -m perf.ingest RUN_DIR [perf/results/<gpu-name>/] [--readme README.md]
 
-Copies the run's files (perf.gpu_evidence) into the results folder (default: perf/results/ and the
+Copies the run's files (perf.gpu_evidence's output folder) into the results folder (default: perf/results/ and the
 GPU's name from run.json), draws the throughput plots, writes SUMMARY.md (every stage's status and
 its results; partial runs say which stages are missing), and regenerates the README's performance
 table from every committed perf/results/*/ folder. A CPU rehearsal is summarised like a GPU run but
@@ -11,7 +11,6 @@ never reaches the README.
 
 from __future__ import annotations
 
-import argparse
 import re
 import shutil
 import sys
@@ -20,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 from . import plot, summary
-from .rows import load_run
+from .rows import command_line, load_run
+from .summary import performance_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE_START, TABLE_END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
@@ -40,24 +40,20 @@ def _md(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False, floatfmt=".3g") if len(df) else "(no rows)"
 
 
-def correctness_section(df: pd.DataFrame | None) -> list[str]:
-    if df is None:
-        return ["No correctness rows."]
-    cases = df.groupby("case", sort=False)["status"].apply(lambda s: (s == "ok").all())
-    lines = [f"{int(cases.sum())} of {len(cases)} cases pass every check ({len(df)} checks)."]
+def section(frames: dict[str, pd.DataFrame], name: str, write) -> list[str]:
+    """A summary section from the run's `name`.csv, or a line saying there is none."""
+    return write(frames[name]) if name in frames else [f"No {name} rows."]
+
+
+def correctness_section(df: pd.DataFrame) -> list[str]:
+    lines = [f"{int((df['status'] == 'ok').sum())} of {len(df)} cases pass every check."]
     bad = df[df["status"] != "ok"]
     if len(bad):
-        lines += ["", "Failures:", "", _md(bad[["case", "output", "error", "tolerance", "status"]])]
-    worst = df[df["status"] == "ok"].assign(ratio=lambda d: d["error"] / d["tolerance"])
-    if len(worst):
-        worst = worst.sort_values("ratio", ascending=False).head(5)
-        lines += ["", "Closest to tolerance:", "", _md(worst[["case", "output", "error", "tolerance"]])]
+        lines += ["", "Failures:", "", _md(bad[["case", "plan", "layout", "dtype", "epilogue", "affine", "status"]])]
     return lines
 
 
-def calibration_section(df: pd.DataFrame | None) -> list[str]:
-    if df is None:
-        return ["No calibration rows."]
+def calibration_section(df: pd.DataFrame) -> list[str]:
     ok = df[df["status"] == "ok"]
     rows = []
     for (problem, n, direction, layout), part in ok.groupby(["problem", "N", "direction", "layout"], sort=False):
@@ -84,9 +80,7 @@ def calibration_section(df: pd.DataFrame | None) -> list[str]:
     return lines
 
 
-def traffic_section(df: pd.DataFrame | None) -> list[str]:
-    if df is None:
-        return ["No traffic rows."]
+def traffic_section(df: pd.DataFrame) -> list[str]:
     cols = [c for c in ("shape", "N", "path", "direction", "launches", "traffic_over_floor", "status") if c in df]
     return [_md(df[cols])]
 
@@ -105,7 +99,7 @@ def write_summary(folder: Path, run: dict, frames: dict[str, pd.DataFrame]) -> P
               f"Result: **{run.get('result')}**", "", "## Stages", ""]  # fmt: skip
     stages = pd.DataFrame(run.get("stages", []))
     lines += [_md(stages[[c for c in ("stage", "name", "status", "seconds", "note", "warm_up") if c in stages]]), ""]
-    lines += ["## Correctness against the float64 reference", ""] + correctness_section(frames.get("correctness"))
+    lines += ["## Correctness against the float64 reference", ""] + section(frames, "correctness", correctness_section)
     sweep = frames.get("sweep")
     lines += ["", "## Throughput (core table and broader sweep)", ""]
     if sweep is None:
@@ -118,8 +112,8 @@ def write_summary(folder: Path, run: dict, frames: dict[str, pd.DataFrame]) -> P
             if len(misses) and not rehearsal:
                 lines += ["Below the bandwidth targets:", "", _md(misses), ""]
     lines += ["", "## Plan calibration (ms per call; heuristic vs the best candidate and the autotuner)", ""]
-    lines += calibration_section(frames.get("calibration"))
-    lines += ["", "## DRAM traffic over the floor (ncu)", ""] + traffic_section(frames.get("traffic"))
+    lines += section(frames, "calibration", calibration_section)
+    lines += ["", "## DRAM traffic over the floor (ncu)", ""] + section(frames, "traffic", traffic_section)
     sanitizer = folder / "sanitizer.txt"
     lines += ["", "## compute-sanitizer memcheck", ""]
     lines += [_sanitizer_result(sanitizer.read_text()) if sanitizer.exists() else "Not run."]
@@ -144,38 +138,6 @@ def plots(folder: Path, run: dict, sweep: pd.DataFrame | None) -> list[Path]:
     return plot.plot_all(plain, sweep_meta(run), folder)
 
 
-def performance_table(results: Path) -> str:
-    """The README's table from every committed GPU results folder: per device, mode, dtype and
-    layout, the geometric-mean speedup over torch eager and torch.compile and gn_triton's median %
-    of the copy bandwidth at batch 1 and 32."""
-    rows = []
-    for folder in sorted(p for p in results.iterdir() if (p / "run.json").exists() and (p / "sweep.csv").exists()):
-        run, frames = load_run(folder)
-        if run.get("env", {}).get("device") != "cuda":
-            continue
-        sweep = frames["sweep"]
-        table = summary.speedups(sweep[(sweep["stage"] == "core") & (sweep["activation"].fillna("none") == "none")])
-        for (mode, dtype, layout), part in table.groupby(["mode", "dtype", "layout"], sort=False):
-            peer = part.set_index("peer")["geomean_speedup"]
-            first = part.iloc[0]
-            rows.append(f"| {run['env']['gpu']} | {mode} | {dtype} | {layout} | "
-                        f"{_x(peer.get('torch_eager'))} | {_x(peer.get('torch_compile'))} | "
-                        f"{_pct(first['pct_copy_bw_N1'])} | {_pct(first['pct_copy_bw_N32'])} |")  # fmt: skip
-    header = ["| GPU | mode | dtype | layout | vs torch eager | vs torch.compile | % copy BW, batch 1 | "
-              "% copy BW, batch 32 |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    if not rows:
-        rows = ["| — | — | — | — | not measured | not measured | not measured | not measured |"]
-    return "\n".join(header + rows)
-
-
-def _x(value) -> str:
-    return "—" if value is None or value != value else f"{value:.2f}×"
-
-
-def _pct(value) -> str:
-    return "—" if value != value else f"{value:.0f}%"
-
-
 def update_readme(text: str, table: str) -> str:
     start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
     return text[:start] + "\n" + table + "\n" + text[end:]
@@ -187,8 +149,8 @@ def default_dest(run: dict) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", type=Path, help="the run's files (the device tool's files_at)")
+    parser = command_line("python -m perf.ingest", __doc__)
+    parser.add_argument("source", type=Path, help="the job's output folder (perf.gpu_evidence --out)")
     parser.add_argument("dest", type=Path, nargs="?", help="results folder (default perf/results/<gpu-name>/)")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = parser.parse_args(argv)

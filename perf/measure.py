@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import itertools
 import math
+import os
 import statistics
 import subprocess
 import time
@@ -23,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from gn_triton._cost import floor_bytes
 
 from .rows import Row, RowFile
 from .suites import Shape
@@ -54,10 +53,23 @@ class Point:
 
     def row(self, run: dict, provider: str) -> Row:
         """The row of this point for a provider, with the run-level columns in `run`."""
+        from gn_triton._cost import floor_bytes
+
         return Row(**run, activation=self.activation or "none", provider=provider, mode=self.mode, dtype=self.dtype,
                    layout=self.layout, suite=self.shape.suite, shape=self.shape.label, N=self.N, C=self.shape.C,
                    spatial="x".join(map(str, self.shape.spatial)), G=self.shape.G,
                    floor_bytes=floor_bytes(self.mode, self.numel, DTYPES[self.dtype].itemsize))  # fmt: skip
+
+
+def use_interpreter() -> None:
+    """Run gn_triton's kernels in Triton's interpreter. Triton decides at decoration time, so this
+    must come before gn_triton is imported; it checks that the kernels really are interpreted (a
+    CPU tensor would otherwise run torch's fallback and the run would check torch against itself)."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    from gn_triton import _checks
+
+    if not _checks.INTERPRET:
+        raise RuntimeError("gn_triton was imported before TRITON_INTERPRET=1 was set: its kernels would not run")
 
 
 class Timer:

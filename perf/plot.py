@@ -4,7 +4,8 @@
 
 For each (mode, dtype, layout): throughput (GB/s of floor bytes) vs batch size on a log2 axis, one
 line per provider, one panel per shape, and a dashed line at the copy bandwidth measured in the
-same run; and the speedup of gn_triton over each peer.
+same run; and the speedup of gn_triton over each peer. A functional run (Triton's interpreter on a
+CPU) gets one plot instead, errors.png: each provider's error against the float64 reference.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt  # headless machines get a non-GUI backend by themselves
 import pandas as pd
 
-from .rows import load_run
+from .rows import load_csv_argument
 
 COLORS = {"gn_triton": "C3", "torch_eager": "C0", "torch_compile": "C2", "liger": "C1", "apex_nhwc": "C4"}
 
@@ -24,6 +25,22 @@ COLORS = {"gn_triton": "C3", "torch_eager": "C0", "torch_compile": "C2", "liger"
 def _panels(n: int) -> tuple[int, int]:
     cols = min(4, n)
     return math.ceil(n / cols), cols
+
+
+def _batch_axis(ax, title: str, ylabel: str) -> None:
+    """A panel whose x axis is the batch size, on a log2 scale."""
+    ax.set_xscale("log", base=2)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, path: Path, rect=None) -> Path:
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def throughput_figure(df: pd.DataFrame, meta: dict, mode: str, dtype: str, layout: str, path: Path) -> Path:
@@ -39,21 +56,14 @@ def throughput_figure(df: pd.DataFrame, meta: dict, mode: str, dtype: str, layou
             line = line.sort_values("N")
             ax.plot(line["N"], line["gbps"], marker="o", ms=3, label=provider, color=COLORS.get(provider))
         ax.axhline(meta["copy_gbps"], ls="--", color="gray", lw=1, label="copy bandwidth")
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{part['suite'].iloc[0]}: {shape}", fontsize=9)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("GB/s (floor bytes)")
-        ax.grid(alpha=0.3)
+        _batch_axis(ax, f"{part['suite'].iloc[0]}: {shape}", "GB/s (floor bytes)")
     for ax in list(axes.flat)[len(shapes) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     kind = " (FUNCTIONAL CPU RUN, not performance)" if meta["run_kind"] != "gpu-performance" else ""
     fig.suptitle(f"{what} {mode} {dtype} {layout} on {meta['device']}{kind}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, rect=(0, 0.06, 1, 0.95))
 
 
 def speedup_figure(df: pd.DataFrame, meta: dict, path: Path) -> Path | None:
@@ -70,16 +80,9 @@ def speedup_figure(df: pd.DataFrame, meta: dict, path: Path) -> Path | None:
             by_n = part.groupby("N")["ms"].apply(lambda r: math.exp(r.map(math.log).mean()))
             ax.plot(by_n.index, by_n.values, marker="o", ms=3, label=f"{mode} {dtype} {layout}")
         ax.axhline(1, color="gray", lw=1)
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"gn_triton speedup over {peer}", fontsize=10)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("speedup (geomean over shapes)")
-        ax.grid(alpha=0.3)
+        _batch_axis(ax, f"gn_triton speedup over {peer}", "speedup (geomean over shapes)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_all(df: pd.DataFrame, meta: dict, out: Path) -> list[Path]:
@@ -92,10 +95,34 @@ def plot_all(df: pd.DataFrame, meta: dict, out: Path) -> list[Path]:
     return paths + ([speedup] if speedup else [])
 
 
+def error_figure(df: pd.DataFrame, meta: dict, path: Path) -> Path:
+    """A functional run's plot: each provider's error against the float64 reference at every point it
+    ran, per dtype (the interpreter's timings are no throughput, so no timing is drawn)."""
+    checked = df[df["check_error"].notna()].reset_index(drop=True)
+    dtypes = list(dict.fromkeys(checked["dtype"]))
+    fig, axes = plt.subplots(1, max(1, len(dtypes)), figsize=(5.5 * max(1, len(dtypes)), 3.6), squeeze=False)
+    for ax, dtype in zip(axes.flat, dtypes):
+        part = checked[checked["dtype"] == dtype]
+        points = {key: k for k, key in enumerate(dict.fromkeys(zip(part["shape"], part["N"], part["mode"],
+                                                                   part["layout"])))}  # fmt: skip
+        for provider, rows in part.groupby("provider"):
+            x = [points[key] for key in zip(rows["shape"], rows["N"], rows["mode"], rows["layout"])]
+            ax.scatter(x, rows["check_error"].clip(lower=1e-17), s=12, label=provider, color=COLORS.get(provider))
+        ax.set_yscale("log")
+        ax.set_title(dtype, fontsize=10)
+        ax.set_xlabel("point (shape, batch, mode, layout)")
+        ax.set_ylabel("max error / max |float64 reference|")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"FUNCTIONAL CHECK in Triton's interpreter on {meta['device']}: error against the float64 "
+                 "reference (not performance)", fontsize=10)  # fmt: skip
+    return _save(fig, path, rect=(0, 0, 1, 0.92))
+
+
 def main(argv=None) -> int:
-    folder = Path((argv or sys.argv[1:])[0]).parent
-    meta, frames = load_run(folder)
-    for path in plot_all(frames["sweep"], meta, folder):
+    folder, meta, df = load_csv_argument("python -m perf.plot", __doc__, argv)
+    functional = meta.get("run_kind") != "gpu-performance"
+    for path in [error_figure(df, meta, folder / "errors.png")] if functional else plot_all(df, meta, folder):
         print(path)
     return 0
 

@@ -53,10 +53,7 @@ def _torch_compile() -> Provider:
 
 
 def _liger() -> Provider:
-    try:
-        from liger_kernel.ops.group_norm import LigerGroupNormFunction
-    except Exception as exc:  # any import failure means: not available here
-        return Provider("liger", None, f"Liger-Kernel not importable ({type(exc).__name__}: {exc})"[:160])
+    from liger_kernel.ops.group_norm import LigerGroupNormFunction
 
     def liger(x, num_groups, weight, bias, eps):
         return LigerGroupNormFunction.apply(x, weight, bias, x.shape[1], num_groups, eps)
@@ -65,10 +62,8 @@ def _liger() -> Provider:
 
 
 def _apex() -> Provider:
-    try:
-        from apex.contrib.group_norm import GroupNorm as ApexGroupNorm
-    except Exception as exc:  # any import failure means: not available here
-        return Provider("apex_nhwc", None, f"apex contrib GroupNorm not importable ({type(exc).__name__})")
+    from apex.contrib.group_norm import GroupNorm as ApexGroupNorm
+
     modules: dict[tuple, torch.nn.Module] = {}
 
     def apex(x, num_groups, weight, bias, eps):
@@ -118,9 +113,15 @@ def providers(names: list[str], functional: bool, activation: str | None = None)
     for name in names:
         if functional and name not in ("gn_triton", "torch_eager"):
             out.append(Provider(name, None, "functional CPU run: only gn_triton and torch eager"))
-        else:
+            continue
+        try:
             out.append(with_activation(makers[name](), activation))
+        except Exception as exc:  # a peer that fails to import is not available here, with the reason
+            out.append(
+                Provider(name, None, f"{PACKAGES.get(name, name)} not importable ({type(exc).__name__}: {exc})"[:160])
+            )
     return out
 
 
 ALL = ["gn_triton", "torch_eager", "torch_compile", "liger", "apex_nhwc"]
+PACKAGES = {"liger": "Liger-Kernel", "apex_nhwc": "apex contrib GroupNorm"}

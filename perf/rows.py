@@ -7,6 +7,7 @@ the latest run unless told otherwise.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -102,3 +103,17 @@ def load_run(folder: Path, all_runs: bool = False) -> tuple[dict, dict[str, pd.D
             df = df[df["run_id"] == df["run_id"].iloc[-1]]
         frames[path.stem] = df
     return meta, frames
+
+
+def command_line(prog: str, doc: str) -> argparse.ArgumentParser:
+    """An argument parser for one of perf's commands, its module docstring as the help."""
+    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def load_csv_argument(prog: str, doc: str, argv) -> tuple[Path, dict, pd.DataFrame]:
+    """The command line of a step derived from a sweep CSV: (its folder, run.json, the latest run's rows)."""
+    parser = command_line(prog, doc)
+    parser.add_argument("csv", type=Path, help="a sweep.csv beside its run.json; the outputs go beside it")
+    folder = parser.parse_args(argv).csv.parent
+    meta, frames = load_run(folder)
+    return folder, meta, frames["sweep"]

@@ -15,8 +15,8 @@ import torch
 import gn_triton
 
 # The plans are the test suite's (tests/cases.py, plain data), so that the sanitizer checks the paths
-# the tests force. The script runs as `python perf/sanitize_case.py` from the repository root (also on
-# the GPU machine, which has the whole tree), where tests/ is not on the path: put it there.
+# the tests force. The script runs as `python perf/sanitize_case.py` from a checkout, where tests/ is
+# not on the path: put it there.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from cases import PATHS  # noqa: E402
 from gn_testing import forced  # noqa: E402

@@ -21,34 +21,17 @@ class Shape:
         return f"C{self.C} {'x'.join(map(str, self.spatial)) or '-'} G{self.G}"
 
 
+# Per suite: (C, *spatial) of each layer, all with 32 groups.
+_LAYERS: dict[str, list[tuple[int, ...]]] = {
+    "sd_unet": [(320, 64, 64), (640, 32, 32), (1280, 16, 16), (1280, 8, 8)],  # Stable Diffusion U-Net
+    "sd_vae": [(512, 64, 64), (512, 128, 128), (256, 256, 256), (128, 512, 512)],  # SD VAE decoder
+    "resnet50_gn": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)],  # ResNet-50 with GroupNorm
+    "mask_rcnn_head": [(256, 200, 304)],  # Mask R-CNN GN head on a 200x304 feature map
+    "video_vae": [(128, 20, 256, 256), (256, 10, 128, 128)],  # video VAE, 5-D (N, C, T, H, W)
+    "llm_3d": [(4096, 2048), (1024, 8192)],  # LLM-style (N, C, L)
+}
 SUITES: dict[str, list[Shape]] = {
-    # Stable Diffusion U-Net: C 320/640/1280 at 64², 32², 16², 8².
-    "sd_unet": [
-        Shape("sd_unet", 320, (64, 64)),
-        Shape("sd_unet", 640, (32, 32)),
-        Shape("sd_unet", 1280, (16, 16)),
-        Shape("sd_unet", 1280, (8, 8)),
-    ],
-    # SD VAE decoder: C 512/512/256/128 at 64², 128², 256², 512².
-    "sd_vae": [
-        Shape("sd_vae", 512, (64, 64)),
-        Shape("sd_vae", 512, (128, 128)),
-        Shape("sd_vae", 256, (256, 256)),
-        Shape("sd_vae", 128, (512, 512)),
-    ],
-    # ResNet-50 with GroupNorm: C 256...2048 at 56²...7².
-    "resnet50_gn": [
-        Shape("resnet50_gn", 256, (56, 56)),
-        Shape("resnet50_gn", 512, (28, 28)),
-        Shape("resnet50_gn", 1024, (14, 14)),
-        Shape("resnet50_gn", 2048, (7, 7)),
-    ],
-    # Mask R-CNN GN head on a 200x304 feature map.
-    "mask_rcnn_head": [Shape("mask_rcnn_head", 256, (200, 304))],
-    # Video VAE, 5-D (N, C, T, H, W).
-    "video_vae": [Shape("video_vae", 128, (20, 256, 256)), Shape("video_vae", 256, (10, 128, 128))],
-    # LLM-style (N, C, L).
-    "llm_3d": [Shape("llm_3d", 4096, (2048,)), Shape("llm_3d", 1024, (8192,))],
+    suite: [Shape(suite, C, tuple(spatial)) for C, *spatial in layers] for suite, layers in _LAYERS.items()
 }
 
 # Tiny shapes for the functional sweep in Triton's interpreter (CPU, no GPU).

@@ -18,7 +18,7 @@ import pandas as pd
 
 from gn_triton._cost import FLOOR_TRANSFERS
 
-from .rows import load_run
+from .rows import load_csv_argument, load_run
 from .suites import DEFAULT_SUITES, SUITES
 
 TARGET_PCT = {"fwd": 80.0, "bwd": 70.0}
@@ -111,8 +111,9 @@ def model_predictions(device: str = "h100", batches=(1, 8, 32)) -> pd.DataFrame:
         for N in batches:
             for layout in ("contiguous", "channels_last"):
                 for mode in ("fwd", "bwd"):
-                    p = _tuning.Problem(N, shape.C, math.prod(shape.spatial), shape.G, torch.bfloat16,
-                                        layout == "channels_last", True, True)  # fmt: skip
+                    p = _tuning.Problem(N=N, C=shape.C, S=math.prod(shape.spatial), G=shape.G, dtype=torch.bfloat16,
+                                        channels_last=layout == "channels_last", has_weight=True,
+                                        has_bias=True)  # fmt: skip
                     plan, pred = _tuning.ranked_plans(mode, p, model)[0]
                     kind = "fused" if plan.split == 1 else f"split, {pred.waves} wave(s)"
                     rows.append(dict(shape=shape.label, N=N, layout=layout, mode=mode, plan=kind,
@@ -122,23 +123,35 @@ def model_predictions(device: str = "h100", batches=(1, 8, 32)) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_functional_summary(df: pd.DataFrame, meta: dict, path: Path) -> str:
-    """SUMMARY.md of a functional run (no GPU): returns the text, also for the console."""
-    from .ingest import performance_table
+def functional_counts(df: pd.DataFrame) -> pd.DataFrame:
+    """Per provider and dtype: results checked, correct (within perf.measure's sanity bound of the
+    float64 reference), incorrect, not run, and the largest error (max error / max |reference|)."""
+    rows = []
+    for (provider, dtype), part in df.groupby(["provider", "dtype"], sort=False):
+        status = part["status"].astype(str)
+        rows.append(dict(provider=provider, dtype=dtype, checked=int((~status.str.startswith("skipped")).sum()),
+                         correct=int((status == "ok").sum()), incorrect=int(status.str.startswith("wrong").sum()),
+                         errors=int(status.str.startswith("error").sum()),
+                         max_error=part["check_error"].max()))  # fmt: skip
+    return pd.DataFrame(rows)
 
+
+def write_functional_summary(df: pd.DataFrame, meta: dict, path: Path) -> str:
+    """SUMMARY.md of a functional run (no GPU). Returns its short part, for the console."""
     results = Path(__file__).parent / "results"
     committed = sorted(results.glob("*/SUMMARY.md"))
-    checks = df[["provider", "mode", "dtype", "layout", "shape", "N", "status", "check_error"]]
-    lines = [
+    short = [
         f"# gn_triton functional check on {meta['device']}",
         "",
         "**No GPU here.** Triton's interpreter ran gn_triton's kernels on tiny shapes and every result was",
-        "checked against the float64 reference; interpreter timings say nothing about GPU speed and are",
-        "not reported as throughput.",
+        "checked against the float64 reference (torch eager beside it); interpreter timings say nothing about",
+        "GPU speed and are not reported as throughput.",
         "",
-        "## Correctness against the float64 reference (max error / max |reference|)",
+        "## Correct results against the float64 reference, per dtype (error: max error / max |reference|)",
         "",
-        checks.to_markdown(index=False, floatfmt=".2g"),
+        functional_counts(df).to_markdown(index=False, floatfmt=".2g"),
+    ]
+    lines = short + [
         "",
         "## GPU results committed under perf/results/",
         "",
@@ -152,15 +165,44 @@ def write_functional_summary(df: pd.DataFrame, meta: dict, path: Path) -> str:
         "",
         f"torch {meta['torch']} · triton {meta['triton']} · gn_triton {meta['gn_triton']} (commit {meta['commit']})",
     ]
-    text = "\n".join(lines) + "\n"
-    path.write_text(text)
-    return text
+    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(short)
+
+
+def performance_table(results: Path) -> str:
+    """The README's table from every committed GPU results folder: per device, mode, dtype and
+    layout, the geometric-mean speedup over torch eager and torch.compile and gn_triton's median %
+    of the copy bandwidth at batch 1 and 32."""
+    rows = []
+    for folder in sorted(p for p in results.iterdir() if (p / "run.json").exists() and (p / "sweep.csv").exists()):
+        run, frames = load_run(folder)
+        if run.get("env", {}).get("device") != "cuda":
+            continue
+        sweep = frames["sweep"]
+        table = speedups(sweep[(sweep["stage"] == "core") & (sweep["activation"].fillna("none") == "none")])
+        for (mode, dtype, layout), part in table.groupby(["mode", "dtype", "layout"], sort=False):
+            peer = part.set_index("peer")["geomean_speedup"]
+            first = part.iloc[0]
+            rows.append(f"| {run['env']['gpu']} | {mode} | {dtype} | {layout} | "
+                        f"{_x(peer.get('torch_eager'))} | {_x(peer.get('torch_compile'))} | "
+                        f"{_pct(first['pct_copy_bw_N1'])} | {_pct(first['pct_copy_bw_N32'])} |")  # fmt: skip
+    header = ["| GPU | mode | dtype | layout | vs torch eager | vs torch.compile | % copy BW, batch 1 | "
+              "% copy BW, batch 32 |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    if not rows:
+        rows = ["| — | — | — | — | not measured | not measured | not measured | not measured |"]
+    return "\n".join(header + rows)
+
+
+def _x(value) -> str:
+    return "—" if value is None or value != value else f"{value:.2f}×"
+
+
+def _pct(value) -> str:
+    return "—" if value != value else f"{value:.0f}%"
 
 
 def main(argv=None) -> int:
-    folder = Path((argv or sys.argv[1:])[0]).parent
-    meta, frames = load_run(folder)
-    df = frames["sweep"]
+    folder, meta, df = load_csv_argument("python -m perf.summary", __doc__, argv)
     print(console_table(df))
     write_summary(df, meta, folder / "SUMMARY.md")
     print(f"wrote {folder / 'SUMMARY.md'}")

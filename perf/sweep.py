@@ -3,30 +3,30 @@
     python -m perf.sweep                       # default sweep (fits one 10-minute GPU call)
     python -m perf.sweep --full                # every suite, dtype, layout and batch size 1..64
     python -m perf.sweep --suite sd_vae --batch 1 2 --mode fwd --dtype bf16
-    python -m perf.sweep --shape 128x20x256x256:32     # per-sample shape C x spatial : G
+    python -m perf.sweep --shape 1x128x20x256x256:32   # x's shape N x C x spatial : G (as explain's)
 
 On a GPU each provider's output is checked against the float64 reference, then timed (perf.measure
 says how). Throughput counts the floor bytes (forward: read x + write y; backward: read x, dy +
 write dx; forward+backward: both) and is also given as % of the device's copy bandwidth, measured in
 the same run.
 
-Without a GPU it says so and runs a small functional sweep in Triton's interpreter (tiny shapes,
-gn_triton vs torch on CPU): its SUMMARY.md is a correctness table against the float64 reference (the
-interpreter's timings are no throughput and are not plotted), the GPU results committed under
-perf/results/, and what gn_triton's cost model predicts for the default suites on an H100.
+Without a GPU it says so and runs a small functional sweep with gn_triton's kernels in Triton's
+interpreter (tiny shapes, gn_triton vs torch on the CPU; it checks that the interpreter really runs
+them): its SUMMARY.md says per provider and dtype how many results were correct against the float64
+reference and their largest error, and its plot (errors.png) shows those errors; the interpreter's
+timings are no throughput and are not plotted. SUMMARY.md also lists the GPU results committed under
+perf/results/ and what gn_triton's cost model predicts for the default suites on an H100.
 
 Output: <out>/sweep.csv (one row per measurement, written as it is measured: an interrupted sweep
 keeps its rows; a new run appends its rows under its own run_id), <out>/run.json (the latest run's
-metadata), plots and SUMMARY.md of the latest run (python -m perf.plot / perf.summary). A whole GPU
-session's evidence is `python -m perf.gpu_evidence`.
+metadata), plots and SUMMARY.md of the latest run (python -m perf.plot / perf.summary). The
+time-boxed benchmark job for a GPU host is `python -m perf.gpu_evidence` (perf/README.md).
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
-import os
 import platform
 import sys
 from dataclasses import dataclass
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from .measure import DTYPES, Point, Timer, copy_bandwidth, run_columns, run_points
-from .rows import RowFile, load_run
+from .measure import DTYPES, Point, Timer, copy_bandwidth, run_columns, run_points, use_interpreter
+from .rows import RowFile, command_line, load_run
 from .suites import BATCHES, DEFAULT_SUITES, FUNCTIONAL_SUITES, SUITES, Shape
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -63,9 +63,10 @@ class Sweep:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_line("python -m perf.sweep", __doc__)
     p.add_argument("--suite", nargs="+", choices=sorted(SUITES), help="shape suites (default: sd_unet sd_vae)")
-    p.add_argument("--shape", nargs="+", default=[], help="custom per-sample shapes CxHxW[...]:G, e.g. 320x64x64:32")
+    p.add_argument("--shape", nargs="+", default=[], help="shapes N x C x spatial : G as explain takes them, e.g. "
+                   "2x320x64x64:32; their N are the batch sizes unless --batch is given")  # fmt: skip
     p.add_argument("--batch", nargs="+", type=int, help="batch sizes (default 1..32; --full: 1..64)")
     p.add_argument("--mode", nargs="+", choices=MODES, help="default: all three")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="default: bf16 (--full: all)")
@@ -83,11 +84,15 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def custom_shape(text: str) -> Shape:
-    """'CxHxW[...]:G' (per-sample shape and groups; G defaults to 32) as a Shape."""
-    dims, _, groups = text.partition(":")
-    C, *spatial = (int(d) for d in dims.lower().split("x"))
-    return Shape("custom", C, tuple(spatial), int(groups or 32))
+def custom_shape(text: str) -> tuple[Shape, int]:
+    """'NxCxHxW[...]:G', the grammar of `python -m gn_triton.explain`, as (Shape, N)."""
+    from gn_triton.explain import parse_shape
+
+    try:
+        (N, C, *spatial), groups = parse_shape(text)
+    except ValueError as exc:
+        raise SystemExit(f"perf.sweep: --shape: {exc}") from None
+    return Shape("custom", C, tuple(spatial), groups), N
 
 
 def plan_sweep(args, functional: bool) -> Sweep:
@@ -100,12 +105,14 @@ def plan_sweep(args, functional: bool) -> Sweep:
                      tuple(args.dtype or ("fp32", "bf16")), tuple(args.layout or LAYOUTS),
                      ("gn_triton", "torch_eager"), args.activation)  # fmt: skip
     suites = args.suite or (sorted(SUITES) if args.full else list(DEFAULT_SUITES))
-    shapes = [custom_shape(t) for t in args.shape]
+    custom = [custom_shape(t) for t in args.shape]
+    shapes = [shape for shape, _ in custom]
     if args.suite or not args.shape:
         shapes = [s for name in suites for s in SUITES[name]] + shapes
+    default_batches = sorted({N for _, N in custom}) if custom and not args.suite else None
     return Sweep(
         shapes=tuple(shapes),
-        batches=tuple(args.batch or (BATCHES if args.full else [b for b in BATCHES if b <= 32])),
+        batches=tuple(args.batch or default_batches or (BATCHES if args.full else [b for b in BATCHES if b <= 32])),
         modes=tuple(args.mode or MODES),
         dtypes=tuple(args.dtype or (sorted(DTYPES) if args.full else ["bf16"])),
         layouts=tuple(args.layout or LAYOUTS),
@@ -118,9 +125,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     has_gpu = torch.cuda.is_available() and not args.functional
     if not has_gpu:
-        os.environ["TRITON_INTERPRET"] = "1"  # before gn_triton is imported
-        print("No GPU present: running a small FUNCTIONAL sweep in Triton's interpreter (tiny shapes,")
-        print("gn_triton vs torch eager on CPU). Its timings are NOT a performance result.\n")
+        use_interpreter()
+        print("No GPU present: running a small FUNCTIONAL sweep of gn_triton's kernels in Triton's interpreter")
+        print("(tiny shapes, gn_triton vs torch eager on the CPU). Its timings are NOT a performance result.\n")
     from tqdm import tqdm
 
     from . import plot, summary
@@ -155,10 +162,11 @@ def main(argv=None) -> int:
     if has_gpu:
         print(summary.console_table(df))
         summary.write_summary(df, meta, out / "SUMMARY.md")
-    else:  # interpreter timings are no throughput: a correctness table, committed results, the model
+    else:  # interpreter timings are no throughput: correctness counts, committed results, the model
         print(summary.write_functional_summary(df, meta, out / "SUMMARY.md"))
-    if has_gpu and not args.no_plot:
-        for path in plot.plot_all(df, meta, out):
+        print(f"wrote {out / 'SUMMARY.md'}")
+    if not args.no_plot:
+        for path in plot.plot_all(df, meta, out) if has_gpu else [plot.error_figure(df, meta, out / "errors.png")]:
             print(f"plot: {path}")
     wrong = df[df["status"].astype(str).str.startswith("wrong")]
     if len(wrong[wrong["provider"] == "gn_triton"]):

@@ -1,4 +1,4 @@
-"""The GPU evidence run (perf/gpu_evidence.py) rehearsed on the CPU: stages in order, rows on disk
+"""The GPU benchmark job (perf/gpu_evidence.py) rehearsed on the CPU: stages in order, rows on disk
 after a kill, the budget's clean stop, the output folder's rules, and ingest from partial results."""
 
 import json
@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from perf import gpu_evidence, ingest
+from perf.evidence import correctness, traffic
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_NAMES = [s.name for s in gpu_evidence.STAGES]
@@ -21,8 +22,10 @@ rehearsal = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason
 
 
 def rehearse(out: Path, *extra: str, budget: float = 400) -> subprocess.CompletedProcess:
+    """The rehearsal as a user starts it: without TRITON_INTERPRET (it sets it before gn_triton loads)."""
     cmd = [sys.executable, "-m", "perf.gpu_evidence", "--rehearse", "--out", str(out), "--budget-s", str(budget)]
-    return subprocess.run([*cmd, *extra], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([*cmd, *extra], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +46,13 @@ def test_stages_run_in_order_and_write_their_rows(full_run):
     log = (full_run / "log.txt").read_text()
     starts = [log.index(f"stage {k} {name}: start") for k, name in enumerate(STAGE_NAMES, 1)]
     assert starts == sorted(starts)
-    correctness = pd.read_csv(full_run / "correctness.csv")
-    assert (correctness["status"] == "ok").all(), correctness[correctness["status"] != "ok"]
-    assert {"fused", "groups", "split", "waves", "heuristic"} <= set(correctness["path"])
-    assert {"y", "dx", "dweight", "dbias", "dscale", "dshift", "bitwise_repeat"} <= set(correctness["output"])
+    checked = pd.read_csv(full_run / "correctness.csv")
+    assert (checked["status"] == "ok").all(), checked[checked["status"] != "ok"]
+    cases, _ = correctness.suite()  # the suite's own plans and epilogues
+    assert {"heuristic", *cases.PATHS} <= set(checked["plan"])
+    assert {"contiguous", "channels_last"} <= set(checked["layout"])
+    assert {"scale+shift", "silu", "scale+gelu", "shift+gelu_tanh"} <= set(checked["epilogue"])
+    assert "repeat" in set(checked["case"])
     sweep = pd.read_csv(full_run / "sweep.csv")
     assert set(sweep["stage"]) == {"core", "broad"}
     ok = sweep[sweep["status"] == "ok"]
@@ -58,11 +64,12 @@ def test_stages_run_in_order_and_write_their_rows(full_run):
 
 
 @rehearsal
-def test_output_folder_is_what_the_device_tool_brings_back(full_run):
-    assert gpu_evidence.check_output_folder(full_run) == []
+def test_output_folder_is_flat_and_within_its_file_limit(full_run, tmp_path):
+    assert gpu_evidence.check_output_folder(full_run, 8) == []
     names = [p.name for p in full_run.iterdir()]
-    assert len(names) <= gpu_evidence.MAX_FILES and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
+    assert len(names) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
     assert all(p.is_file() for p in full_run.iterdir())
+    assert gpu_evidence.check_output_folder(full_run, 3) == [f"{len(names)} files (the limit is 3)"]
 
 
 @rehearsal
@@ -72,8 +79,8 @@ def test_a_run_killed_after_stage_2_keeps_env_and_correctness_rows(tmp_path):
     run = json.loads((tmp_path / "run.json").read_text())
     assert [(s["name"], s["status"]) for s in run["stages"]] == [("env", "done"), ("correctness", "done")]
     assert run["env"]["copy_gbps"] > 0
-    correctness = pd.read_csv(tmp_path / "correctness.csv")
-    assert len(correctness) > 50 and (correctness["status"] == "ok").all()
+    checked = pd.read_csv(tmp_path / "correctness.csv")
+    assert len(checked) == len(correctness.correctness_cases(True)) and (checked["status"] == "ok").all()
     assert "stage 2 correctness: done" in (tmp_path / "log.txt").read_text()
     # ingest builds a summary from the partial run, saying what is missing
     dest = tmp_path / "results"
@@ -134,6 +141,6 @@ def test_parse_ncu_csv():
         '"0","_gn_fwd_fused_kernel","dram__bytes_write.sum","Kbyte","512"',
         '"1","elementwise_kernel","sm__cycles.sum","cycle","7"',
     ])  # fmt: skip
-    rows = gpu_evidence.parse_ncu_csv(text)
+    rows = traffic.parse_ncu_csv(text)
     assert [(r["kernel"], r["bytes"]) for r in rows] == [("_gn_fwd_fused_kernel", 1048576.0),
                                                           ("_gn_fwd_fused_kernel", 512e3)]  # fmt: skip

@@ -12,45 +12,60 @@ import pandas as pd
 import pytest
 
 from gn_triton._cost import floor_bytes
-from perf import plot, summary
+from perf import plot, summary, sweep
 from perf.rows import COLUMNS, Row, RowFile, load_run
 from perf.sweep import custom_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_floor_bytes_and_custom_shape():
+def test_floor_bytes_and_custom_shape_in_explains_grammar():
     assert floor_bytes("fwd", 10, 2) == 40 and floor_bytes("bwd", 10, 2) == 60 and floor_bytes("fwd+bwd", 10, 4) == 200
-    shape = custom_shape("128x20x256x256:16")
-    assert (shape.C, shape.spatial, shape.G) == (128, (20, 256, 256), 16)
-    assert custom_shape("320x64x64").G == 32
+    shape, N = custom_shape("2x128x20x256x256:16")
+    assert (N, shape.C, shape.spatial, shape.G) == (2, 128, (20, 256, 256), 16)
+    assert custom_shape("1x320x64x64")[0].G == 32
+    with pytest.raises(SystemExit, match="num_groups must be positive"):
+        custom_shape("1x320x64x64:0")
+    args = sweep.parse_args(["--shape", "4x320x64x64:32", "2x64x8x8:8"])
+    assert sweep.plan_sweep(args, functional=False).batches == (2, 4)  # the shapes' N
+    args = sweep.parse_args(["--shape", "4x320x64x64:32", "--batch", "1"])
+    assert sweep.plan_sweep(args, functional=False).batches == (1,)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the functional sweep is the CPU mode")
-def test_functional_sweep_end_to_end(tmp_path):
+def test_functional_sweep_end_to_end_runs_the_interpreter(tmp_path):
+    """`make bench` on a CPU: started without TRITON_INTERPRET (as a user would), the sweep must still
+    run gn_triton's kernels in the interpreter, not torch's fallback: gn_triton's errors then differ
+    from torch eager's at the same points."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-m", "perf.sweep", "--functional", "--batch", "1", "2", "--mode", "fwd", "bwd",
          "--dtype", "fp32", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "No GPU present" in proc.stdout and "FUNCTIONAL" in proc.stdout
+    assert "No GPU present" in proc.stdout and "FUNCTIONAL" in proc.stdout and "| gn_triton " in proc.stdout
     df = pd.read_csv(tmp_path / "sweep.csv")
     meta = json.loads((tmp_path / "run.json").read_text())
     assert meta["run_kind"] == "cpu-functional" and meta["copy_gbps"] > 0
     ok = df[df["status"] == "ok"]
     assert set(ok["provider"]) == {"gn_triton", "torch_eager"}
     assert (ok["check_error"] < 1e-4).all() and (ok["ms"] > 0).all()
+    keys = ["shape", "N", "mode", "layout"]
+    errors = ok.pivot_table(index=keys, columns="provider", values="check_error")
+    differ = (errors["gn_triton"] != errors["torch_eager"]).mean()
+    assert differ > 0.5, errors  # torch's fallback would equal torch eager at every point
     for column in ("provider", "mode", "dtype", "layout", "suite", "N", "C", "spatial", "G", "ms", "ms_p20", "ms_p80",
                    "gbps", "pct_copy_bw", "samples_per_s", "device", "torch", "triton", "gn_triton", "commit",
                    "timestamp"):  # fmt: skip
         assert column in df.columns, column
     assert df[df["status"].str.startswith("skipped")]["status"].str.contains("4-D or 5-D").all()
     summary_text = (tmp_path / "SUMMARY.md").read_text()
-    for text in ("No GPU here", "Correctness against the float64 reference", "GPU results committed",
+    for text in ("No GPU here", "Correct results against the float64 reference", "GPU results committed",
                  "What the cost model predicts on an H100", "a MODEL, not a measurement"):  # fmt: skip
         assert text in summary_text, text
-    assert not list(tmp_path.glob("*.png"))  # interpreter timings are not plotted as throughput
+    assert "| gn_triton   | fp32    |" in summary_text  # correct/incorrect counts per provider and dtype
+    assert [p.name for p in tmp_path.glob("*.png")] == ["errors.png"]  # no throughput plot of interpreter timings
+    assert (tmp_path / "errors.png").stat().st_size > 10_000
 
 
 def synthetic_sweep() -> tuple[pd.DataFrame, dict]:
@@ -93,6 +108,13 @@ def test_plots_from_csv(tmp_path):
     paths = plot.plot_all(df, meta, tmp_path)
     assert [p.name for p in paths] == ["throughput_fwd_bf16_contiguous.png", "speedup.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+@pytest.mark.parametrize("module", ["perf.plot", "perf.summary", "perf.sweep", "perf.ingest", "perf.gpu_evidence"])
+def test_command_line_help(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr[-2000:]
 
 
 def test_rows_append_per_run_and_readers_take_the_latest(tmp_path):

@@ -1,0 +1,74 @@
+"""Which kernels a plan launches, on which grid, with which constexprs: one table of a call's launches
+that the cost model (how many), `explain` (which) and the tests (against what the launcher really
+launches) read.
+
+    plan_launches("bwd", problem, plan, needs) -> [Launch("_gn_bwd_partial_sums_kernel", (12, 32), {...}), ...]
+
+Forward: fused, one launch of a block per program; split, per wave a partial-statistics launch and
+an apply launch over (blocks of the wave, spans). Backward: fused, one launch; split, per wave a
+partial-sums launch and (when dx is needed) a dx launch; then a small reduction for dweight/dbias
+and one for dscale/dshift, each only when one of its gradients is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import triton
+
+from ._plan import Plan, Problem, merge_step
+
+# Which gradients a backward computes: dx, dweight, dbias, dscale, dshift.
+GRADIENTS = ("dx", "dweight", "dbias", "dscale", "dshift")
+
+
+@dataclass(frozen=True)
+class Launch:
+    kernel: str  # its name in gn_triton.kernels
+    grid: tuple[int, ...]
+    constexprs: dict = field(default_factory=dict)  # every keyword argument: constexprs and num_warps
+
+
+def default_needs(p: Problem) -> tuple[bool, ...]:
+    """Every gradient the problem has an input for (what a training step asks for)."""
+    return (True, p.has_weight, p.has_bias, p.has_scale, p.has_shift)
+
+
+def plan_launches(direction: str, p: Problem, plan: Plan, needs: Sequence[bool] | None = None) -> list[Launch]:
+    """The launches of one call of `direction` ("fwd" or "bwd") with `plan` (fitted to p), in order."""
+    plan = plan.fit(p)
+    needs_dx, needs_dw, needs_db, needs_dscale, needs_dshift = default_needs(p) if needs is None else needs
+    flags = dict(plan.meta(), **p.flags())  # the normalising kernels': the plan's tile and the problem's flags
+    if direction == "fwd":
+        if plan.split == 1:
+            return [Launch("_gn_fwd_fused_kernel", (plan.blocks(p),), flags)]
+        spans = plan.span(p.S)[1]
+        stats, apply = dict(plan.meta(), **p.base_flags()), dict(flags, BLOCK_SPANS=merge_step(spans))
+        return [launch for _, count in plan.waves(p)
+                for launch in (Launch("_gn_fwd_partial_stats_kernel", (count, spans), stats),
+                               Launch("_gn_fwd_split_apply_kernel", (count, spans), apply))]  # fmt: skip
+    needs_partials = needs_dw or needs_db or needs_dscale or needs_dshift
+    if plan.split == 1:
+        spans = 1
+        out = [Launch("_gn_bwd_fused_kernel", (plan.blocks(p),),
+                      dict(flags, NEEDS_DX=needs_dx, NEEDS_PARTIALS=needs_partials))]  # fmt: skip
+    else:
+        spans = plan.span(p.S)[1]
+        dx = dict(flags, BLOCK_SPANS=merge_step(spans))
+        out = []
+        for _, count in plan.waves(p):
+            out.append(Launch("_gn_bwd_partial_sums_kernel", (count, spans), flags))
+            if needs_dx:
+                out.append(Launch("_gn_bwd_split_dx_kernel", (count, spans), dx))
+    block_c = min(triton.next_power_of_2(p.C), 128)
+    channel_blocks = triton.cdiv(p.C, block_c)
+    if needs_dw or needs_db:
+        out.append(Launch("_gn_bwd_dparams_kernel", (channel_blocks,),
+                          dict(BLOCK_N=min(triton.next_power_of_2(p.N), 16), BLOCK_C=block_c, HAS_SCALE=p.has_scale,
+                               NEEDS_DW=needs_dw, NEEDS_DB=needs_db, ACC=flags["ACC"])))  # fmt: skip
+    if needs_dscale or needs_dshift:
+        out.append(Launch("_gn_bwd_dscale_shift_kernel", (p.N, channel_blocks),
+                          dict(BLOCK_C=block_c, HAS_WEIGHT=p.has_weight, HAS_BIAS=p.has_bias,
+                               NEEDS_DSCALE=needs_dscale, NEEDS_DSHIFT=needs_dshift, ACC=flags["ACC"])))  # fmt: skip
+    return out

@@ -1,0 +1,74 @@
+"""Stage 1: the environment (GPU, SMs, L2, clocks, driver, versions), the copy bandwidth and the
+launch costs the cost model takes as defaults until a run like this one measures them."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+import torch
+
+from ..measure import Timer, copy_bandwidth, git_commit, run_columns
+from .job import Clock, Context, Job, autotune, run_text
+
+NVIDIA_SMI_QUERY = "name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,temperature.gpu"
+
+
+def stage_env(job: Job, ctx: Context, clock: Clock) -> str:
+    import triton
+
+    import gn_triton
+
+    env = dict(python=sys.version.split()[0], torch=torch.__version__, triton=triton.__version__,
+               gn_triton=gn_triton.__version__, commit=git_commit(), platform=platform.platform(),
+               cpu_count=os.cpu_count(), device=ctx.device)  # fmt: skip
+    if ctx.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, sm_count=props.multi_processor_count, l2_bytes=props.L2_cache_size,
+                   memory_bytes=props.total_memory, capability=f"{props.major}.{props.minor}",
+                   cuda=torch.version.cuda,
+                   nvidia_smi=run_text(["nvidia-smi", f"--query-gpu={NVIDIA_SMI_QUERY}", "--format=csv"]))  # fmt: skip
+    else:
+        env.update(gpu=f"cpu-{platform.machine()}-rehearsal", sm_count=0)
+    job.run["env"] = env
+    job.save()
+    ctx.timer = Timer(ctx.device, ctx.rep_ms)
+    ctx.copy_gbps = copy_bandwidth(ctx.device, ctx.timer)
+    env["copy_gbps"] = round(ctx.copy_gbps, 1)
+    with autotune(False):
+        env.update(launch_costs(ctx))
+    ctx.run = run_columns(ctx.device, env["gpu"], ctx.copy_gbps, stage="")
+    job.save()
+    return f"{env['gpu']}: copy {env['copy_gbps']} GB/s, gn_triton tiny call {env['gn_triton_call_us']:.1f} us"
+
+
+def launch_costs(ctx: Context) -> dict:
+    """Microseconds per call of a tiny gn_triton call and a tiny torch op, launched back to back from
+    Python (host-bound); the cost of one more Triton launch (a 16-launch plan against a 1-launch plan
+    of the same call: the cost model's launch_us); and the gn_triton call replayed in a CUDA graph
+    (the GPU side alone)."""
+    import gn_triton
+    from gn_triton import _tuning
+
+    x = torch.randn(1, 32, 8, 8, device=ctx.device)
+    ones = torch.ones(1, device=ctx.device)
+    calls = 200 if ctx.device == "cuda" else 5
+
+    def per_call(fn):
+        fn()
+        ctx.sync()
+        return ctx.timed(lambda: [fn() for _ in range(calls)]) / calls * 1e6
+
+    out = dict(gn_triton_call_us=per_call(lambda: gn_triton.group_norm(x, 8)),
+               torch_tiny_op_us=per_call(lambda: ones.add_(1)))  # fmt: skip
+    with _tuning.override_plan(split=1, groups_per_program=1, block_s=32):
+        one = per_call(lambda: gn_triton.group_norm(x, 8))
+    with _tuning.override_plan(split=2, groups_per_program=1, block_s=32, wave_blocks=1):  # 8 waves x 2
+        sixteen = per_call(lambda: gn_triton.group_norm(x, 8))
+    out["launch_us"] = (sixteen - one) / 15
+    if ctx.device == "cuda":
+        import triton.testing
+
+        out["gn_triton_call_graph_us"] = 1e3 * triton.testing.do_bench_cudagraph(lambda: gn_triton.group_norm(x, 8))
+    return out
