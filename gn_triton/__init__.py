@@ -4,18 +4,21 @@
     y = gn_triton.group_norm(x, num_groups=32, weight=w, bias=b)   # like F.group_norm
     norm = gn_triton.GroupNorm(32, 320)                            # like nn.GroupNorm
     model = gn_triton.convert_model(model, activation_fusion=True)  # every nn.GroupNorm, in place
+    gn_triton.backend_for(x)  # "kernels", "interpreter" or "torch": what a call on x runs
     gn_triton.enable_compile_fusion()  # torch.compile: GroupNorm (+ scale-shift, SiLU/GELU) as gn_triton's op
 
 Importing touches no GPU.
 """
 
 from . import _ops  # noqa: F401  (registers the gn_triton:: custom ops)
+from ._checks import backend_for
 from .functional import group_norm
 from .modules import GroupNorm, convert_model, revert_model
 
 __version__ = "0.1.0"
 __all__ = [
     "GroupNorm",
+    "backend_for",
     "convert_model",
     "disable_compile_fusion",
     "enable_compile_fusion",
