@@ -53,9 +53,7 @@ def _dense_params(affine: Affine) -> Affine:
     return Affine(weight, bias, scale, shift, affine.activation)
 
 
-def empty_outputs(
-    x: torch.Tensor, num_groups: int, out_dtype: torch.dtype | None = None
-) -> tuple[torch.Tensor, ...]:
+def empty_outputs(x: torch.Tensor, num_groups: int, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
     """The forward's outputs, unfilled: y (out_dtype, default x's, in x's memory format) and (N, G)
     mean, mean_lo and rstd in the statistics dtype. The one allocation of the real op and its fake
     implementation."""
@@ -86,7 +84,7 @@ def gn_fwd(
     in fp32 (fp64 for fp64 input), mean is the group mean rounded to that dtype and mean_lo the
     rounding residual."""
     y, mean, mean_lo, rstd = empty_outputs(x, num_groups, out_dtype)
-    problem = Problem.of(x, num_groups, affine)
+    problem = Problem.of(x, num_groups, affine, y.dtype)
     if y.numel() == 0:
         # Like torch: an empty group has NaN statistics.
         for t in (mean, mean_lo, rstd):
@@ -146,7 +144,7 @@ def gn_bwd(
     x = _dense(x, fmt)
     grad_out = _dense(grad_out, fmt)
     affine = _dense_params(affine)
-    problem = Problem.of(x, num_groups, affine)
+    problem = Problem.of(x, num_groups, affine, grad_out.dtype)
 
     def launch(plan: Plan) -> None:
         _launch_bwd(grad_out, x, affine, mean, mean_lo, rstd, grads, problem, plan)
