@@ -117,7 +117,7 @@ def _unfolded(t: torch.Tensor, batch: int) -> torch.Tensor:
 @torch.library.register_vmap("gn_triton::group_norm_fwd")
 def _fwd_vmap(info, in_dims, input, weight, bias, num_groups, eps, activation=None, scale=None, shift=None,
               out_dtype=None):  # fmt: skip
-    x_dim, w_dim, b_dim, *_, s_dim, t_dim = (*in_dims, *[None] * (9 - len(in_dims)))[:9]
+    x_dim, w_dim, b_dim, _, _, _, s_dim, t_dim = (*in_dims, *[None] * 8)[:8]
     batch = info.batch_size
     x = _leading(input, x_dim, batch)
     N = x.shape[1]
