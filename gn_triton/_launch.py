@@ -144,6 +144,7 @@ def gn_bwd(
     x = _dense(x, fmt)
     grad_out = _dense(grad_out, fmt)
     affine = _dense_params(affine)
+    mean, mean_lo, rstd = (t.contiguous() for t in (mean, mean_lo, rstd))  # e.g. expanded by vmap (tiny)
     problem = Problem.of(x, num_groups, affine, grad_out.dtype)
 
     def launch(plan: Plan) -> None:

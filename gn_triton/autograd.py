@@ -50,7 +50,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 _ACTIVATION_JVPS = {
-    "silu": lambda dz, z: dz * torch.sigmoid(z) * (1 + z * (1 - torch.sigmoid(z))),  # aten's silu_backward has no derivative
+    # aten's silu_backward has no derivative of its own: written out, so that reverse over forward works
+    "silu": lambda dz, z: dz * torch.sigmoid(z) * (1 + z * (1 - torch.sigmoid(z))),
     "gelu": lambda dz, z: torch.ops.aten.gelu_backward(dz, z),
     "gelu_tanh": lambda dz, z: torch.ops.aten.gelu_backward(dz, z, approximate="tanh"),
 }
