@@ -148,7 +148,8 @@ def _replace(graph: Graph, gn: Node) -> bool:
     # Under CUDA autocast torch's group_norm turns 16-bit input into fp32 output: the op does the same
     # (it reads the 16-bit input and writes fp32). Any other change of dtype is left to torch.
     out_dtype = y_val.dtype
-    if out_dtype != x_val.dtype and out_dtype != _checks.autocast_dtype(x_val.dtype, x_val.device.type, True):
+    widened = x_val.dtype in (torch.float16, torch.bfloat16) and out_dtype == torch.float32
+    if out_dtype != x_val.dtype and not widened:
         return False
 
     # Walk the chain gn -> [* m] -> [+ t] -> [activation], each step the previous one's only user.
