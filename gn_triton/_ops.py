@@ -94,12 +94,14 @@ def _as_modulation(batch, N, weight, w_dim, bias, b_dim, scale, shift, acc):
     accumulator dtype `acc`: z = (x_hat*w + b)*g + t with g = 1 + scale equals x_hat*(1 + s2) + t2 with
     s2 = w*g - 1 and t2 = b*g + t (in fp32, a weight far below 1 keeps ~1e-7 absolute precision).
     Returns (s2, t2, g) with g as (batch, N, C) or None."""
-    C = (weight if weight is not None else bias).shape[-1]
-    w = _leading(weight, w_dim, batch)
-    b = _leading(bias, b_dim, batch)
+    present = weight if weight is not None else bias
+    C = present.shape[-1]
     g = None if scale is None else 1 + scale.to(acc).reshape(batch, N, C)
-    w = torch.ones((batch, 1, C), dtype=acc, device=scale.device if w is None else w.device) if w is None else w
-    w = w.to(acc).reshape(batch, 1, C)
+    if weight is None:
+        w = torch.ones((batch, 1, C), dtype=acc, device=present.device)
+    else:
+        w = _leading(weight, w_dim, batch).to(acc).reshape(batch, 1, C)
+    b = _leading(bias, b_dim, batch)
     s2 = (w if g is None else w * g) - 1
     t2 = None if b is None else b.to(acc).reshape(batch, 1, C) * (1 if g is None else g)
     if shift is not None:

@@ -7,9 +7,11 @@ torch.func: the Function has setup_context (so grad, vjp and jacrev apply) and g
 vmap runs its forward, backward and jvp under vmap, and the ops' batching rules (gn_triton._ops)
 fold the vmapped dimension into the batch N. Forward mode (jvp, torch.autograd.forward_ad) is the
 formula in `_tangent`, in torch ops; torch.library has no forward-mode registration for custom ops,
-so a graph calling the op directly refuses forward AD with torch's error. Second derivatives are
-not implemented: differentiating a gradient (double backward, grad of grad, a Hessian) raises a
-RuntimeError, never gives a silent zero (_Backward).
+so a graph calling the op directly refuses forward AD with torch's error; reverse mode over that
+formula (jacrev(jacfwd(f))) is exact, since it is differentiable torch ops. Other second derivatives
+are not implemented: differentiating a gradient (double backward, grad of grad, a Hessian) or a
+tangent with forward mode again (jacfwd(jacfwd(f))) raises a RuntimeError, never a silent zero
+(_Backward, _nested_forward_mode).
 """
 
 from __future__ import annotations
@@ -19,12 +21,6 @@ from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from . import _ops
-
-
-def _save(ctx, input, weight, bias, num_groups: int, activation, scale, shift, mean, mean_lo, rstd) -> None:
-    ctx.save_for_backward(input, weight, bias, scale, shift, mean, mean_lo, rstd)
-    ctx.num_groups = num_groups
-    ctx.activation = activation
 
 
 def _backward(ctx, grad_out, backward_op=_ops.group_norm_bwd):
@@ -46,7 +42,9 @@ def _setup_context(ctx, inputs, output) -> None:
     input, weight, bias, num_groups, _eps, activation, scale, shift = (*inputs, *[None] * (8 - len(inputs)))[:8]
     _y, mean, mean_lo, rstd = output
     ctx.mark_non_differentiable(mean, mean_lo, rstd)  # statistics: outputs for the backward only
-    _save(ctx, input, weight, bias, num_groups, activation, scale, shift, mean, mean_lo, rstd)
+    ctx.save_for_backward(input, weight, bias, scale, shift, mean, mean_lo, rstd)
+    ctx.num_groups = num_groups
+    ctx.activation = activation
 
 
 _ACTIVATION_JVPS = {

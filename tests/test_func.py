@@ -121,6 +121,18 @@ def test_vmap(vmapped, device):
     assert_trees_close(grad(outer(ours), (0, 1, 2))(*batched), grad(outer(theirs), (0, 1, 2))(*batched))
 
 
+def test_vmapped_bias_without_weight(device):
+    """Against a loop over the instances with a weight of ones: torch's own group_norm fails on a
+    bias without a weight in vmap(grad) and, on a CPU, in its backward."""
+    x = make_input((3, 2, 4, 3), F64, device)
+    b = torch.randn(3, 4, dtype=F64, device=device)
+    ones = torch.ones(4, dtype=F64, device=device)
+    loss = lambda f, w=None: lambda x, b: (f(x, 2, w, b) ** 2).sum()
+    expected = [grad(loss(torch_group_norm, ones), (0, 1))(x[i], b[i]) for i in range(3)]
+    expected = tuple(torch.stack(g) for g in zip(*expected))
+    assert_trees_close(vmap(grad(loss(gn_triton.group_norm), (0, 1)))(x, b), expected)
+
+
 def test_per_sample_gradients(device):
     """The DP-SGD pattern (Opacus's functorch mode): vmap(grad) of the parameters over samples."""
     activation, (x, w, b, _, _) = problem("plain", device, N=3)
