@@ -219,20 +219,22 @@ def test_saved_statistics(device):
     assert torch.allclose(rstd.double(), 1 / (rows.var(-1, unbiased=False) + 1e-5).sqrt(), rtol=1e-6)
 
 
-# (name, input layout, weight given, activation, scale and shift given)
+# (name, input layout, weight given, activation, scale and shift given, out_dtype: None or fp32 of bf16 input)
 OP_CALLS = [
-    ("plain", "contiguous", True, None, False),
-    ("channels_last, no weight", "channels_last", False, None, False),
-    ("gelu", "contiguous", True, "gelu", False),
-    ("silu, scale and shift", "contiguous", True, "silu", True),
+    ("plain", "contiguous", True, None, False, None),
+    ("channels_last, no weight", "channels_last", False, None, False, None),
+    ("gelu", "contiguous", True, "gelu", False, None),
+    ("silu, scale and shift", "contiguous", True, "silu", True, None),
+    ("bf16 input, fp32 output (autocast)", "contiguous", True, "silu", True, torch.float32),
 ]
 
 
-@pytest.mark.parametrize("name,layout,weight,activation,modulated", OP_CALLS, ids=[c[0] for c in OP_CALLS])
-def test_opcheck(name, layout, weight, activation, modulated, device):
+@pytest.mark.parametrize("name,layout,weight,activation,modulated,out_dtype", OP_CALLS, ids=[c[0] for c in OP_CALLS])
+def test_opcheck(name, layout, weight, activation, modulated, out_dtype, device):
     """torch.library.opcheck of the forward and backward ops, called as autograd.py calls them
     (arguments left at their defaults are left out)."""
-    x = make_input((2, 4, 3, 3), torch.float32, device, layout=layout)
+    dtype = torch.float32 if out_dtype is None else torch.bfloat16
+    x = make_input((2, 4, 3, 3), dtype, device, layout=layout)
     w, b = make_params(4, torch.float32, device, weight=weight)
     scale, shift = make_modulation(2, 4, torch.float32, device) if modulated else (None, None)
 
@@ -241,9 +243,10 @@ def test_opcheck(name, layout, weight, activation, modulated, device):
             args = args[:-1]
         return args
 
-    fwd_args = call(x, w, b, 2, 1e-5, activation, scale, shift, defaults=5)
+    fwd_args = call(x, w, b, 2, 1e-5, activation, scale, shift, out_dtype, defaults=5)
     torch.library.opcheck(_ops.group_norm_fwd, fwd_args)
     y, mean, mean_lo, rstd = _ops.group_norm_fwd(*fwd_args)
+    assert y.dtype == (out_dtype or x.dtype)
     mask = [True, weight, True, modulated, modulated]
     bwd_args = call(torch.randn_like(y), x, w, b, mean, mean_lo, rstd, 2, mask, activation, scale, shift, defaults=9)
     torch.library.opcheck(_ops.group_norm_bwd, bwd_args)
