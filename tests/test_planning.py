@@ -343,3 +343,18 @@ def test_every_plan_respects_tritons_tensor_cap(p, direction):
 def test_forced_and_cached_plans_are_fitted_within_the_cap(p, fields, split):
     """Plan.fit, which every plan passes before a launch (forced, cached or tuned), keeps the cap."""
     assert_within_cap(Plan(split=split, **fields).fit(p), p)
+
+
+def test_fp32_output_of_16_bit_input_costs_its_bytes():
+    """Under CUDA autocast y (and so dy) is fp32 for 16-bit x: the floor counts 2 + 4 bytes an element
+    forward, 2 + 4 + 2 backward (a model)."""
+    assert _cost.floor_bytes("fwd", 10, 2, 4) == 60 and _cost.floor_bytes("bwd", 10, 2, 4) == 80
+    assert _cost.floor_bytes("fwd+bwd", 10, 2, 4) == 140 and _cost.floor_bytes("fwd", 10, 2) == 40
+    p = Problem(8, 320, 4096, 32, torch.bfloat16, False, True, True)
+    widened = Problem(8, 320, 4096, 32, torch.bfloat16, False, True, True, out_dtype=torch.float32)
+    for direction, ratio in (("fwd", 6 / 4), ("bwd", 8 / 6)):
+        plan = _tuning.heuristic_plan(direction, p, H100)
+        assert (
+            _cost.predict(direction, widened, plan, H100).floor_bytes
+            == ratio * _cost.predict(direction, p, plan, H100).floor_bytes
+        )
