@@ -4,12 +4,14 @@
     y = gn_triton.group_norm(x, num_groups=32, weight=w, bias=b)   # like F.group_norm
     norm = gn_triton.GroupNorm(32, 320)                            # like nn.GroupNorm
     model = gn_triton.convert_model(model, activation_fusion=True)  # every nn.GroupNorm, in place
+    gn_triton.backend_for(x)  # "kernels", "interpreter" or "torch": what a call on x runs
     gn_triton.enable_compile_fusion()  # torch.compile: GroupNorm (+ scale-shift, SiLU/GELU) as gn_triton's op
 
 Importing touches no GPU.
 """
 
 from . import _checks, _ops  # noqa: F401  (_ops registers the gn_triton:: custom ops)
+from ._checks import backend_for
 from ._interpreter import fix_loop_bounds as _fix_loop_bounds
 from ._version import __version__
 from .functional import group_norm
@@ -17,6 +19,7 @@ from .modules import GroupNorm, convert_model, revert_model
 
 __all__ = [
     "GroupNorm",
+    "backend_for",
     "convert_model",
     "disable_compile_fusion",
     "enable_compile_fusion",

@@ -1,6 +1,7 @@
-"""What the public API accepts, and where a call runs: argument checks that raise like torch (naming
-the argument and its values), the supported dtypes and activations, and whether a tensor runs on
-gn_triton's kernels (CUDA, or the CPU under Triton's interpreter) or falls back to torch."""
+"""What the public API accepts, and where a call runs: argument checks that raise torch's exception
+types (naming the argument and its values), the supported dtypes and activations, whether a tensor
+runs on gn_triton's kernels (CUDA, or the CPU under Triton's interpreter) or falls back to torch
+(backend_for), and the output dtype under autocast (autocast_dtype)."""
 
 from __future__ import annotations
 
@@ -23,23 +24,63 @@ def runs_on_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda or (INTERPRET and x.device.type == "cpu")
 
 
+def backend_for(input: torch.Tensor) -> str:
+    """Which implementation gn_triton.group_norm (and GroupNorm) runs for `input`:
+    "kernels": gn_triton's compiled Triton kernels (CUDA tensors of a supported dtype);
+    "interpreter": the same kernels in Triton's interpreter (CPU tensors, TRITON_INTERPRET=1 set
+        before gn_triton was imported);
+    "torch": torch's own group_norm, with gn_triton's epilogue in torch ops (any other device, a CPU
+        without the interpreter, or a dtype the kernels do not take).
+    """
+    if input.dtype not in SUPPORTED_DTYPES or not runs_on_kernels(input):
+        return "torch"
+    return "kernels" if input.is_cuda else "interpreter"
+
+
+# Devices whose autocast runs group_norm in fp32 (torch's autocast op lists: CUDA's "fp32" list holds
+# group_norm, the CPU's does not, so CPU autocast leaves it in the input's dtype).
+AUTOCAST_FP32_DEVICES = ("cuda",)
+
+
+def autocast_dtype(dtype: torch.dtype, device_type: str, autocast_enabled: bool) -> torch.dtype:
+    """group_norm's output dtype, by torch's rule, for input of `dtype` on `device_type` with that
+    device's autocast on or off: fp32 for 16-bit input where autocast runs group_norm in fp32 (it
+    casts 16-bit tensors to fp32; fp64 and fp32 are left alone), else the input's dtype."""
+    if autocast_enabled and device_type in AUTOCAST_FP32_DEVICES and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
+def output_dtype(input: torch.Tensor) -> torch.dtype:
+    """autocast_dtype under the autocast state of input's device now."""
+    return autocast_dtype(input.dtype, input.device.type, torch.is_autocast_enabled(input.device.type))
+
+
 def check_group_norm_args(
-    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5
 ) -> None:
-    """Raise like torch does (RuntimeError/TypeError/ValueError naming the argument) on bad input."""
+    """Raise the exception type torch's group_norm raises for the same bad input, with a message that
+    names the argument and its values (docs/drop-in.md has the table). One exception: input that is
+    not a tensor is a TypeError (torch fails on it with an AttributeError)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"group_norm(): input must be a Tensor, got {type(x).__name__}")
     if isinstance(num_groups, bool) or not isinstance(num_groups, int):
         raise TypeError(f"group_norm(): num_groups must be an int, got {type(num_groups).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"group_norm(): eps must be a float, got {type(eps).__name__}")
     if x.dim() < 2:
         raise RuntimeError(
             f"group_norm(): expected input with at least 2 dimensions (N, C, *), got shape {tuple(x.shape)}"
         )
     if not x.is_floating_point():
-        raise TypeError(f"group_norm(): input must be a floating point tensor, got dtype {x.dtype}")
+        # torch's kernels have no integer, bool or complex instance: NotImplementedError
+        raise NotImplementedError(f"group_norm(): input must be a floating point tensor, got dtype {x.dtype}")
     channels = x.shape[1]
-    if num_groups <= 0:
-        raise ValueError(f"group_norm(): num_groups must be positive, got num_groups={num_groups}")
+    if num_groups == 0:
+        # torch divides by num_groups before it checks it
+        raise ZeroDivisionError(f"group_norm(): num_groups must be positive, got num_groups={num_groups}")
+    if num_groups < 0:
+        raise RuntimeError(f"group_norm(): num_groups must be positive, got num_groups={num_groups}")
     if channels % num_groups != 0:
         raise RuntimeError(
             f"group_norm(): expected number of channels in input to be divisible by num_groups, "
@@ -62,7 +103,7 @@ def _check_optional(x: torch.Tensor, name: str, t, shape: tuple, wanted: str) ->
     if tuple(t.shape) != shape:
         raise RuntimeError(f"group_norm(): expected {name} to be {wanted}, but got {name} of shape {tuple(t.shape)}")
     if not t.is_floating_point():
-        raise TypeError(f"group_norm(): {name} must be a floating point tensor, got dtype {t.dtype}")
+        raise RuntimeError(f"group_norm(): {name} must be a floating point tensor, got dtype {t.dtype}")
     if t.device != x.device:
         raise RuntimeError(
             f"group_norm(): expected all tensors to be on the same device, but got input on {x.device} "

@@ -125,9 +125,12 @@ def tensors_read(direction: str) -> int:
 FLOOR_TRANSFERS = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
 
 
-def floor_bytes(mode: str, numel: int, elem_size: int) -> int:
-    """The floor bytes of a call: every activation-sized tensor read once and written once."""
-    return numel * elem_size * FLOOR_TRANSFERS[mode]
+def floor_bytes(mode: str, numel: int, elem_size: int, out_elem_size: int | None = None) -> int:
+    """The floor bytes of a call: every activation-sized tensor read once and written once. y (and dy)
+    are out_elem_size bytes an element where the output's dtype is wider than x's (fp32 from 16-bit
+    input under CUDA autocast): forward x + y, backward x + dy + dx."""
+    extra = {"fwd": 1, "bwd": 1, "fwd+bwd": 2}[mode] * ((out_elem_size or elem_size) - elem_size)
+    return numel * (elem_size * FLOOR_TRANSFERS[mode] + extra)
 
 
 def programs_per_sm(block_c: int, block_s: int, num_warps: int) -> int:
@@ -143,7 +146,7 @@ def predict(direction: str, p, plan, device: DeviceModel) -> Prediction:
     plan = plan.fit(p)
     reads = tensors_read(direction)
     tensor = p.N * p.C * p.S * p.elem_size
-    floor = floor_bytes(direction, p.N * p.C * p.S, p.elem_size)
+    floor = floor_bytes(direction, p.N * p.C * p.S, p.elem_size, p.out_elem_size)
     groups = min(plan.groups_per_program, p.G)
     sector_waste = 1.0
     if p.channels_last:

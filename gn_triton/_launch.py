@@ -42,49 +42,56 @@ def _eps_pair(eps: float) -> tuple[float, float]:
     return hi, eps - hi
 
 
-def _modulation(affine: Affine) -> Affine:
-    """scale/shift as dense (N, C) rows (tiny: a copy only if a view was passed)."""
-    scale = None if affine.scale is None else affine.scale.contiguous()
-    shift = None if affine.shift is None else affine.shift.contiguous()
-    return Affine(affine.weight, affine.bias, scale, shift, affine.activation)
+def _tensors(affine: Affine) -> tuple[torch.Tensor | None, ...]:
+    return affine.weight, affine.bias, affine.scale, affine.shift
 
 
-def empty_outputs(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, ...]:
-    """The forward's outputs, unfilled: y (x's dtype and memory format) and (N, G) mean, mean_lo and
-    rstd in the statistics dtype. The one allocation of the real op and its fake implementation."""
-    y = torch.empty_like(x, memory_format=memory_format(x))
+def _dense_params(affine: Affine) -> Affine:
+    """weight, bias (C,) and scale, shift (N, C) as dense rows, the kernels' `W + c` and `Scale + n*C + c`
+    addressing (tiny: a copy only for a strided, transposed or expanded view)."""
+    weight, bias, scale, shift = (None if t is None else t.contiguous() for t in _tensors(affine))
+    return Affine(weight, bias, scale, shift, affine.activation)
+
+
+def empty_outputs(x: torch.Tensor, num_groups: int, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    """The forward's outputs, unfilled: y (out_dtype, default x's, in x's memory format) and (N, G)
+    mean, mean_lo and rstd in the statistics dtype. The one allocation of the real op and its fake
+    implementation."""
+    y = torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=memory_format(x))
     stats = (torch.empty((x.shape[0], num_groups), dtype=stats_dtype(x), device=x.device) for _ in range(3))
     return (y, *stats)
 
 
 def empty_grads(x: torch.Tensor, affine: Affine, output_mask: Sequence[bool]) -> tuple[torch.Tensor, ...]:
-    """The backward's outputs, unfilled: (dx, dweight, dbias, dscale, dshift) like their tensors (dx in
-    x's memory format); one not asked for in `output_mask`, or of a tensor that is None, is empty.
-    The one allocation of the real op and its fake implementation."""
+    """The backward's outputs, unfilled: (dx, dweight, dbias, dscale, dshift) of their tensors' shapes
+    and dtypes, dx in x's memory format and the others dense (the kernels write them as such, whatever
+    the strides of a parameter's view); one not asked for in `output_mask`, or of a tensor that is
+    None, is empty. The one allocation of the real op and its fake implementation."""
     fmt = memory_format(x)
     return tuple(
-        (torch.empty_like(t, memory_format=fmt) if t is x else torch.empty_like(t))
+        (torch.empty_like(t, memory_format=fmt if t is x else torch.contiguous_format))
         if need and t is not None
         else x.new_empty(0)
-        for need, t in zip(output_mask, (x, affine.weight, affine.bias, affine.scale, affine.shift))
+        for need, t in zip(output_mask, (x, *_tensors(affine)))
     )
 
 
 def gn_fwd(
-    x: torch.Tensor, num_groups: int, eps: float, affine: Affine
+    x: torch.Tensor, num_groups: int, eps: float, affine: Affine, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GroupNorm forward with what follows it (`affine`). Returns (y, mean, mean_lo, rstd); the stats
-    are (N, G) in fp32 (fp64 for fp64 input), mean is the group mean rounded to that dtype and
-    mean_lo the rounding residual."""
-    y, mean, mean_lo, rstd = empty_outputs(x, num_groups)
-    problem = Problem.of(x, num_groups, affine)
+    """GroupNorm forward with what follows it (`affine`). Returns (y, mean, mean_lo, rstd): y in
+    out_dtype (default x's: the kernels read x and store y each in its own dtype); the stats are (N, G)
+    in fp32 (fp64 for fp64 input), mean is the group mean rounded to that dtype and mean_lo the
+    rounding residual."""
+    y, mean, mean_lo, rstd = empty_outputs(x, num_groups, out_dtype)
+    problem = Problem.of(x, num_groups, affine, y.dtype)
     if y.numel() == 0:
         # Like torch: an empty group has NaN statistics.
         for t in (mean, mean_lo, rstd):
             t.fill_(float("nan"))
         return y, mean, mean_lo, rstd
     x = _dense(x, memory_format(x))
-    affine = _modulation(affine)
+    affine = _dense_params(affine)
 
     def launch(plan: Plan) -> None:
         _launch_fwd(x, y, affine, mean, mean_lo, rstd, eps, problem, plan)
@@ -136,8 +143,9 @@ def gn_bwd(
     fmt = memory_format(x)
     x = _dense(x, fmt)
     grad_out = _dense(grad_out, fmt)
-    affine = _modulation(affine)
-    problem = Problem.of(x, num_groups, affine)
+    affine = _dense_params(affine)
+    mean, mean_lo, rstd = (t.contiguous() for t in (mean, mean_lo, rstd))  # e.g. expanded by vmap (tiny)
+    problem = Problem.of(x, num_groups, affine, grad_out.dtype)
 
     def launch(plan: Plan) -> None:
         _launch_bwd(grad_out, x, affine, mean, mean_lo, rstd, grads, problem, plan)

@@ -18,6 +18,9 @@ from ._checks import check_activation
 from .kernels import Epilogue, Layout
 
 _MAX_GRID_Y = 65535
+# Triton's cap on the elements of one block tensor (TRITON_MAX_TENSOR_NUMEL): the kernels hold
+# [R, BLOCK_C] membership masks, [BLOCK_C, BLOCK_S] tiles and [R, BLOCK_SPANS <= 16] merges.
+MAX_TENSOR_NUMEL = 1 << 20
 _INT32_MAX = 2**31 - 1
 
 
@@ -59,6 +62,7 @@ class Problem:
     has_scale: bool = False  # per-sample (N, C) scale and shift after the affine
     has_shift: bool = False
     activation: int = 0  # fused activation (kernels' ACTIVATION constexpr)
+    out_dtype: torch.dtype | None = None  # y's (and dy's) dtype when not x's: fp32 of 16-bit x under CUDA autocast
 
     @property
     def Cg(self) -> int:  # noqa: N802 - the paper's name
@@ -80,13 +84,18 @@ class Problem:
     def elem_size(self) -> int:
         return self.dtype.itemsize
 
+    @property
+    def out_elem_size(self) -> int:
+        return (self.out_dtype or self.dtype).itemsize
+
     @classmethod
-    def of(cls, x: torch.Tensor, num_groups: int, affine: Affine) -> Problem:
-        """The problem of group_norm(x, num_groups) followed by `affine`."""
+    def of(cls, x: torch.Tensor, num_groups: int, affine: Affine, out_dtype: torch.dtype | None = None) -> Problem:
+        """The problem of group_norm(x, num_groups) followed by `affine`, its output in out_dtype."""
         return cls(N=x.shape[0], C=x.shape[1], S=math.prod(x.shape[2:]), G=num_groups, dtype=x.dtype,
                    channels_last=memory_format(x) != torch.contiguous_format, has_weight=affine.weight is not None,
                    has_bias=affine.bias is not None, has_scale=affine.scale is not None,
-                   has_shift=affine.shift is not None, activation=check_activation(affine.activation))  # fmt: skip
+                   has_shift=affine.shift is not None, activation=check_activation(affine.activation),
+                   out_dtype=None if out_dtype == x.dtype else out_dtype)  # fmt: skip
 
     def flags(self) -> dict:
         """The constexprs of the normalising kernels: what follows the normalisation, how x is
@@ -137,7 +146,12 @@ class Plan:
         """This plan made valid for `p` (plans are cached per bucket of similar problems)."""
         split = max(1, min(self.split, triton.cdiv(p.S, self.block_s), _MAX_GRID_Y))
         groups = max(1, min(self.groups_per_program, triton.next_power_of_2(p.G)))
-        fitted = dataclasses.replace(self, split=split, groups_per_program=groups)
+        block_c = min(self.block_c, MAX_TENSOR_NUMEL // 16)
+        if groups * max(block_c, 16) > MAX_TENSOR_NUMEL:  # many tiny groups: fewer per program, narrower tiles
+            groups = MAX_TENSOR_NUMEL // max(block_c, 16)
+            block_c = min(block_c, triton.next_power_of_2(groups * p.Cg))
+        block_s = min(self.block_s, MAX_TENSOR_NUMEL // block_c)
+        fitted = dataclasses.replace(self, split=split, groups_per_program=groups, block_c=block_c, block_s=block_s)
         wave = self.wave_blocks if 0 < self.wave_blocks < fitted.blocks(p) else 0
         return dataclasses.replace(fitted, wave_blocks=wave)
 

@@ -215,6 +215,7 @@ def _bucket_key(direction: str, p: Problem, device: torch.device, needs: tuple) 
         p.has_scale,
         p.has_shift,
         p.activation,
+        p.out_dtype,  # fp32 output from 16-bit input (autocast) moves other bytes than 16-bit output
         needs,
     )
 

@@ -1,63 +1,197 @@
-"""autograd.Function tying the forward and backward ops together, and the same backward
-registered on the forward op itself (torch.library.register_autograd), so a graph that calls
-`gn_triton::group_norm_fwd` directly (what the torch.compile fusion pass inserts) differentiates
-through gn_triton's backward op."""
+"""Differentiation of the ops: an autograd.Function for the eager path (reverse mode, forward mode and
+every torch.func transform), and the same backward registered on the forward op itself
+(torch.library.register_autograd), so a graph that calls `gn_triton::group_norm_fwd` directly (what
+the torch.compile fusion pass inserts) differentiates through gn_triton's backward op.
+
+torch.func: the Function has setup_context (so grad, vjp and jacrev apply) and generate_vmap_rule:
+vmap runs its forward, backward and jvp under vmap, and the ops' batching rules (gn_triton._ops)
+fold the vmapped dimension into the batch N. Forward mode (jvp, torch.autograd.forward_ad) is the
+formula in `_tangent`, in torch ops; torch.library has no forward-mode registration for custom ops,
+so a graph calling the op directly refuses forward AD with torch's error; reverse mode over that
+formula (jacrev(jacfwd(f))) is exact, since it is differentiable torch ops. Other second derivatives
+are not implemented: differentiating a gradient (double backward, grad of grad, a Hessian) or a
+tangent with forward mode again (jacfwd(jacfwd(f))) raises a RuntimeError, never a silent zero
+(_Backward, _nested_forward_mode).
+"""
 
 from __future__ import annotations
 
 import torch
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from . import _ops
 
 
-def _save(ctx, input, weight, bias, num_groups: int, activation, scale, shift, mean, mean_lo, rstd) -> None:
+def _backward(ctx, grad_out, backward_op=_ops.group_norm_bwd):
+    """Gradients of (input, weight, bias, num_groups, eps, activation, scale, shift, out_dtype): the
+    argument order of both GroupNormFunction.apply and the forward op. (The dispatcher drops an op
+    call's trailing arguments that equal their defaults: then fewer are asked for, and returned.)"""
+    input, weight, bias, scale, shift, mean, mean_lo, rstd = ctx.saved_tensors
+    n_inputs = len(ctx.needs_input_grad)
+    needs = (*ctx.needs_input_grad, *[False] * (9 - n_inputs))
+    mask = [needs[0], needs[1], needs[2], needs[6], needs[7]]
+    dx, dw, db, dscale, dshift = backward_op(
+        grad_out, input, weight, bias, mean, mean_lo, rstd, ctx.num_groups, mask, ctx.activation, scale, shift
+    )
+    dx, dw, db, dscale, dshift = (g if m else None for g, m in zip((dx, dw, db, dscale, dshift), mask))
+    return (dx, dw, db, None, None, None, dscale, dshift, None)[:n_inputs]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input, weight, bias, num_groups, _eps, activation, scale, shift = (*inputs, *[None] * (8 - len(inputs)))[:8]
+    _y, mean, mean_lo, rstd = output
+    ctx.mark_non_differentiable(mean, mean_lo, rstd)  # statistics: outputs for the backward only
     ctx.save_for_backward(input, weight, bias, scale, shift, mean, mean_lo, rstd)
     ctx.num_groups = num_groups
     ctx.activation = activation
 
 
-def _backward(ctx, grad_out):
-    """Gradients of (input, weight, bias, num_groups, eps, activation, scale, shift): the argument
-    order of both GroupNormFunction.apply and the forward op. (The dispatcher drops an op call's
-    trailing arguments that equal their defaults: then fewer are asked for, and returned.)"""
-    input, weight, bias, scale, shift, mean, mean_lo, rstd = ctx.saved_tensors
-    n_inputs = len(ctx.needs_input_grad)
-    needs = (*ctx.needs_input_grad, *[False] * (8 - n_inputs))
-    mask = [needs[0], needs[1], needs[2], needs[6], needs[7]]
-    dx, dw, db, dscale, dshift = _ops.group_norm_bwd(
-        grad_out, input, weight, bias, mean, mean_lo, rstd, ctx.num_groups, mask, ctx.activation, scale, shift
-    )
-    dx, dw, db, dscale, dshift = (g if m else None for g, m in zip((dx, dw, db, dscale, dshift), mask))
-    return (dx, dw, db, None, None, None, dscale, dshift)[:n_inputs]
+_ACTIVATION_JVPS = {
+    # aten's silu_backward has no derivative of its own: written out, so that reverse over forward works
+    "silu": lambda dz, z: dz * torch.sigmoid(z) * (1 + z * (1 - torch.sigmoid(z))),
+    "gelu": lambda dz, z: torch.ops.aten.gelu_backward(dz, z),
+    "gelu_tanh": lambda dz, z: torch.ops.aten.gelu_backward(dz, z, approximate="tanh"),
+}
+
+
+def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """a + b where None is a zero tangent."""
+    return b if a is None else a if b is None else a + b
+
+
+def _tangent(saved, num_groups: int, eps: float, activation, tangents, out_dtype: torch.dtype) -> torch.Tensor:
+    """The forward-mode derivative of y = act(z), z = u*(1 + s) + t, u = x_hat*w + b, in torch ops in
+    the statistics' dtype. With <.> the mean over a group and r = rstd (mean' = <x'>, r' = -r^2*<x_hat*x'>):
+        x_hat' = r*(x' - <x'> - x_hat*<x_hat*x'>)
+        u' = x_hat'*w + x_hat*w' + b',   z' = u'*(1 + s) + u*s' + t',   y' = act'(z)*z'.
+    A tangent that is None is zero. The statistics are taken again here, differentiably, so that
+    reverse mode over this formula (torch.func.jacrev(jacfwd(f))) is exact."""
+    input, weight, bias, scale, shift = saved[:5]
+    dx, dw, db, ds, dt = tangents
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    N, C = input.shape[:2]
+    channel = lambda t: t.to(acc).reshape(1, C, *[1] * (input.dim() - 2))
+    sample = lambda t: t.to(acc).reshape(N, C, *[1] * (input.dim() - 2))
+    rows = input.to(acc).reshape(N, num_groups, -1)
+    var, mean = torch.var_mean(rows, -1, correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    x_hat = (rows - mean) * rstd
+    u_dot = None
+    if dx is not None:
+        d_rows = dx.to(acc).reshape(N, num_groups, -1)
+        d_mean = d_rows.mean(-1, keepdim=True)
+        d_var = (x_hat * d_rows).mean(-1, keepdim=True)
+        u_dot = (rstd * (d_rows - d_mean - x_hat * d_var)).reshape(input.shape)
+        u_dot = u_dot if weight is None else u_dot * channel(weight)
+    x_hat = x_hat.reshape(input.shape)
+    u_dot = _plus(u_dot, None if dw is None else x_hat * channel(dw))
+    u_dot = _plus(u_dot, None if db is None else channel(db).expand(input.shape))
+    u = x_hat if weight is None else x_hat * channel(weight)
+    u = u if bias is None else u + channel(bias)
+    z_dot = u_dot if scale is None or u_dot is None else u_dot * (1 + sample(scale))
+    z_dot = _plus(z_dot, None if ds is None else u * sample(ds))
+    z_dot = _plus(z_dot, None if dt is None else sample(dt).expand(input.shape))
+    z_dot = torch.zeros_like(u) if z_dot is None else z_dot
+    if activation is not None:
+        z = u if scale is None else u * (1 + sample(scale))
+        z = z if shift is None else z + sample(shift)
+        z_dot = _ACTIVATION_JVPS[activation](z_dot, z)
+    return z_dot.to(out_dtype)
+
+
+_NOT_TWICE = (
+    "gn_triton.group_norm is not twice differentiable: its gradient cannot be differentiated again "
+    "(double backward, torch.func.grad of a grad, a Hessian, forward mode over forward mode); use "
+    "torch.nn.functional.group_norm there"
+)
+
+
+def _nested_forward_mode() -> bool:
+    """Whether a forward-mode transform is differentiating this one's tangent (jvp of jvp, jacfwd of
+    jacfwd): torch runs a Function's jvp with forward AD off, so the outer transform would take the
+    tangent for a constant and silently get a zero second derivative."""
+    interpreters = retrieve_all_functorch_interpreters()
+    return sum(i.key() == TransformType.Jvp for i in interpreters) > 1
+
+
+class _Backward(torch.autograd.Function):
+    """The backward op as a function of its tensors whose own derivatives raise: once_differentiable
+    alone would let torch.func.grad(grad(f)) take the gradient for a constant and return zeros."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_out, input, weight, bias, mean, mean_lo, rstd, scale, shift, spec):
+        num_groups, mask, activation = spec.value  # not pytree leaves: torch.func flattens apply's arguments
+        return _ops.group_norm_bwd(
+            grad_out, input, weight, bias, mean, mean_lo, rstd, num_groups, list(mask), activation, scale, shift
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_NOT_TWICE)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(_NOT_TWICE)
+
+
+class _Opaque:
+    """A value torch.func passes through as one leaf."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+def _backward_twice_raises(grad_out, input, weight, bias, mean, mean_lo, rstd, num_groups, mask, activation, scale,
+                           shift):  # fmt: skip
+    spec = _Opaque((num_groups, tuple(mask), activation))
+    return _Backward.apply(grad_out, input, weight, bias, mean, mean_lo, rstd, scale, shift, spec)
 
 
 class GroupNormFunction(torch.autograd.Function):
-    """y = activation(GroupNorm(x)*(1 + scale) + shift) with gradients for x, weight, bias, scale
-    and shift; only what autograd asks for is computed. Saves x and three (N, G) statistics, nothing
-    else activation-sized (the pre-activation is recomputed in the backward). Not twice
-    differentiable."""
+    """(y, mean, mean_lo, rstd) with y = activation(GroupNorm(x)*(1 + scale) + shift) and the (N, G)
+    statistics (non-differentiable); gradients for x, weight, bias, scale and shift, only those
+    autograd asks for. Saves x and the three statistics, nothing else activation-sized (the
+    pre-activation is recomputed in the backward). Not twice differentiable."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, input, weight, bias, num_groups: int, eps: float, activation=None, scale=None, shift=None):
-        y, mean, mean_lo, rstd = _ops.group_norm_fwd(input, weight, bias, num_groups, eps, activation, scale, shift)
-        _save(ctx, input, weight, bias, num_groups, activation, scale, shift, mean, mean_lo, rstd)
-        return y
+    def forward(input, weight, bias, num_groups: int, eps: float, activation=None, scale=None, shift=None,
+                out_dtype=None):  # fmt: skip
+        return _ops.group_norm_fwd(input, weight, bias, num_groups, eps, activation, scale, shift, out_dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        return _backward(ctx, grad_out)
+    def setup_context(ctx, inputs, output) -> None:
+        _setup_context(ctx, inputs, output)
+        # The same tensors as for the backward: torch.func's generated vmap rule keeps one record of
+        # the saved tensors' batch dimensions for both.
+        input, weight, bias, _, eps, _, scale, shift, _ = inputs
+        ctx.save_for_forward(input, weight, bias, scale, shift, *output[1:])
+        ctx.eps = eps
+        ctx.out_dtype = output[0].dtype
 
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_mean_lo, _grad_rstd):
+        return _backward(ctx, grad_y, _backward_twice_raises)
 
-def _op_setup_context(ctx, inputs, output) -> None:
-    input, weight, bias, num_groups, _eps, activation, scale, shift = inputs
-    _y, mean, mean_lo, rstd = output
-    ctx.mark_non_differentiable(mean, mean_lo, rstd)  # statistics: outputs for the backward only
-    _save(ctx, input, weight, bias, num_groups, activation, scale, shift, mean, mean_lo, rstd)
+    @staticmethod
+    def jvp(ctx, d_input, d_weight, d_bias, _n, _eps, _act, d_scale, d_shift, _out_dtype):
+        if _nested_forward_mode():
+            raise RuntimeError(_NOT_TWICE)
+        tangents = (d_input, d_weight, d_bias, d_scale, d_shift)
+        y_dot = _tangent(ctx.saved_tensors, ctx.num_groups, ctx.eps, ctx.activation, tangents, ctx.out_dtype)
+        return y_dot, None, None, None
 
 
 def _op_backward(ctx, grad_y, _grad_mean, _grad_mean_lo, _grad_rstd):
     return _backward(ctx, grad_y)
 
 
-torch.library.register_autograd("gn_triton::group_norm_fwd", _op_backward, setup_context=_op_setup_context)
+torch.library.register_autograd("gn_triton::group_norm_fwd", _op_backward, setup_context=_setup_context)

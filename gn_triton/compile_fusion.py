@@ -19,15 +19,24 @@ and shift is gn_triton's backward op: exact, with nothing activation-sized saved
 later hooks see too late a graph: in the joint and post-grad graphs (joint_custom_pre_pass,
 post_grad_custom_pre_pass) group_norm and its backward are already decomposed into Inductor's own
 reductions, which would have to be pattern-matched back in both directions. The pre-grad hook
-and CustomGraphPass are Inductor's documented extension points, older than the torch 2.11 of the
-GPU machines (this one runs 2.13); the pass uses no other private Inductor API. One pass object is
+and CustomGraphPass are Inductor's documented extension points, present in every torch the project
+supports (2.11 and 2.13 are tested); the pass uses no other private Inductor API. One pass object is
 installed, the form every version calls (newer ones also take a list), and a pass the user had
 installed runs first inside it.
 
+Autocast: a group_norm whose output Dynamo recorded as fp32 for 16-bit input (CUDA autocast runs it
+in fp32) becomes the op with out_dtype=fp32, which reads the 16-bit input and writes fp32 as torch
+does; any other change of dtype is left to Inductor.
+
+Forward-mode AD: torch.library has no forward-mode formula for custom ops, and no graph compiled by
+AOTAutograd supports torch.autograd.forward_ad either (torch raises NotImplementedError for any
+compiled model, fused or not), so the pass never meets it silently; torch.func.jvp of a compiled
+function runs it eagerly.
+
 Limits: compilations that happen while enabled (a model compiled before keeps its graph until
 torch.compiler.reset()); the Inductor backend (other backends, and torch.export, do not run
-Inductor's passes: export a converted model instead); group_norm whose output dtype differs from
-its input's (autocast regions) and inputs gn_triton does not run on are left to Inductor.
+Inductor's passes: export a converted model instead); inputs gn_triton does not run on are left to
+Inductor.
 """
 
 from __future__ import annotations
@@ -133,9 +142,14 @@ def _replace(graph: Graph, gn: Node) -> bool:
         and type(num_groups) is int
         and type(eps) in (int, float)
         and x_val.dtype in _checks.SUPPORTED_DTYPES
-        and y_val.dtype == x_val.dtype  # not so under autocast: leave that to torch's kernel
         and _checks.runs_on_kernels(x_val)
     ):
+        return False
+    # Under CUDA autocast torch's group_norm turns 16-bit input into fp32 output: the op does the same
+    # (it reads the 16-bit input and writes fp32). Any other change of dtype is left to torch.
+    out_dtype = y_val.dtype
+    widened = x_val.dtype in (torch.float16, torch.bfloat16) and out_dtype == torch.float32
+    if out_dtype != x_val.dtype and not widened:
         return False
 
     # Walk the chain gn -> [* m] -> [+ t] -> [activation], each step the previous one's only user.
@@ -162,8 +176,9 @@ def _replace(graph: Graph, gn: Node) -> bool:
             shift_node = graph.call_method("flatten", (shift, 1))
         fused = graph.call_function(
             torch.ops.gn_triton.group_norm_fwd.default,
-            (x, args.get("weight"), args.get("bias"), num_groups, float(eps), activation, scale_node, shift_node),
-        )
+            (x, args.get("weight"), args.get("bias"), num_groups, float(eps), activation, scale_node, shift_node,
+             None if out_dtype == x_val.dtype else out_dtype),
+        )  # fmt: skip
         y = graph.call_function(operator.getitem, (fused, 0))
     y.meta["example_value"] = _value(end)
     end.replace_all_uses_with(y)

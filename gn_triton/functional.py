@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from . import _checks, _ops
 from .autograd import GroupNormFunction
 
 # torch's own form of each fused activation (the CPU fallback; also what peers are timed with).
@@ -26,6 +26,7 @@ def group_norm(
     activation: str | None = None,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
+    keep_input_dtype: bool = False,
 ) -> torch.Tensor:
     """Group Normalization over (N, C, *) input, with torch.nn.functional.group_norm's signature
     and semantics: each of the num_groups groups of C/num_groups channels of a sample is normalised
@@ -33,24 +34,57 @@ def group_norm(
 
     CUDA tensors run gn_triton's Triton kernels. CPU tensors run the same kernels in Triton's
     interpreter when TRITON_INTERPRET=1 was set before import; otherwise they fall back to torch's
-    own group_norm, so a model using gn_triton still runs on a CPU.
+    own group_norm, so a model using gn_triton still runs on a CPU (gn_triton.backend_for(input)
+    says which of the three a call runs).
 
     Keyword-only extensions (not in torch's signature), fused into the same pass:
       scale, shift: per-sample (N, C) modulation, the diffusion "scale-shift norm":
           y = GroupNorm(x)*(1 + scale) + shift, with gradients for both;
       activation: None, "silu", "gelu" or "gelu_tanh", applied last (GN+SiLU costs what GN costs);
-          its backward recomputes the pre-activation instead of storing it.
+          its backward recomputes the pre-activation instead of storing it;
+      keep_input_dtype: under CUDA autocast, return input's dtype instead of torch's fp32 (see below).
 
-    The output has input's dtype and memory format (contiguous or channels_last). weight and bias
-    may be of another floating dtype than input (e.g. fp32 parameters with bf16 input); statistics
-    are fp32 (fp64 for fp64 input). Bad arguments raise like torch, naming the argument.
+    The output has input's dtype and memory format (contiguous or channels_last), except under
+    autocast, which gn_triton follows as torch does: CUDA autocast runs group_norm in fp32, so 16-bit
+    input gives an fp32 output (the kernels read the 16-bit input and write fp32; no fp32 copy of the
+    input is made), while CPU autocast leaves the input's dtype. keep_input_dtype=True opts out: the
+    output keeps input's dtype (half the output bytes), as outside autocast. weight, bias, scale and
+    shift may be of another floating dtype than input (e.g. fp32 parameters with bf16 input) and of
+    any strides; statistics are fp32 (fp64 for fp64 input). Bad arguments raise torch's exception
+    types, naming the argument. Differentiable in reverse and forward mode, and under torch.func
+    transforms (grad, vjp, jacrev, jacfwd, jvp, vmap); not twice.
     """
-    _checks.check_group_norm_args(input, num_groups, weight, bias)
+    _checks.check_group_norm_args(input, num_groups, weight, bias, eps)
     _checks.check_activation(activation)
     _checks.check_modulation(input, scale, shift)
-    if input.dtype not in _checks.SUPPORTED_DTYPES or not _checks.runs_on_kernels(input):
-        return _torch_epilogue(F.group_norm(input, num_groups, weight, bias, eps), activation, scale, shift)
-    return GroupNormFunction.apply(input, weight, bias, num_groups, float(eps), activation, scale, shift)
+    out_dtype = input.dtype if keep_input_dtype else _checks.output_dtype(input)
+    if _checks.backend_for(input) == "torch":
+        y = _torch_group_norm(input, num_groups, weight, bias, float(eps))
+        return _torch_epilogue(y, activation, scale, shift).to(out_dtype)
+    args = (input, weight, bias, num_groups, float(eps), activation, scale, shift)
+    out_dtype = None if out_dtype == input.dtype else out_dtype
+    if torch.compiler.is_compiling():
+        # Dynamo traces no autograd.Function with a custom jvp: the op, differentiated by the formula
+        # registered on it (reverse mode only, as in every compiled graph).
+        return _ops.group_norm_fwd(*args, out_dtype)[0]
+    return GroupNormFunction.apply(*args, out_dtype)[0]
+
+
+def _torch_group_norm(input, num_groups: int, weight, bias, eps: float) -> torch.Tensor:
+    """torch's group_norm with gn_triton's behaviour where torch's CPU kernel differs: a bias without a
+    weight (that kernel's backward fails on it), parameters of another dtype than input (it refuses
+    most mixes: they are cast exactly, to input's dtype or, for 16-bit input, to fp32), and empty
+    input, whose parameters get zero gradients (NaN from that kernel)."""
+    C = input.shape[1]
+    target = input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32
+    weight, bias = (p if p is None or p.dtype == input.dtype else p.to(target) for p in (weight, bias))
+    if weight is None and bias is not None:
+        weight = torch.ones(C, dtype=bias.dtype, device=bias.device)
+    if input.numel() == 0:  # no statistics to take: the affine alone (empty), whose gradients are zero
+        per_channel = (1, C, *[1] * (input.dim() - 2))
+        y = input if weight is None else input * weight.reshape(per_channel)
+        return (y if bias is None else y + bias.reshape(per_channel)).to(input.dtype)
+    return F.group_norm(input, num_groups, weight, bias, eps)
 
 
 def _torch_epilogue(y: torch.Tensor, activation: str | None, scale, shift) -> torch.Tensor:

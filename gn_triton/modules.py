@@ -22,7 +22,13 @@ class GroupNorm(torch.nn.GroupNorm):
     holds. The keyword-only `activation` ("silu", "gelu", "gelu_tanh") fuses that activation into
     the same pass: the module then computes what nn.Sequential(nn.GroupNorm, activation) does, with
     the state_dict of a plain GroupNorm.
+
+    Under CUDA autocast the output is fp32 for 16-bit input, as torch's; setting the attribute
+    `keep_input_dtype = True` (or convert_model(..., keep_input_dtype=True)) keeps the input's dtype
+    instead (gn_triton.group_norm's keep_input_dtype).
     """
+
+    keep_input_dtype: bool = False  # a class default: convert_model's modules have it without __init__
 
     def __init__(
         self,
@@ -52,7 +58,7 @@ class GroupNorm(torch.nn.GroupNorm):
         before the activation."""
         return group_norm(
             input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation, scale=scale,
-            shift=shift,
+            shift=shift, keep_input_dtype=self.keep_input_dtype,
         )  # fmt: skip
 
     def reset_parameters(self) -> None:
@@ -65,7 +71,8 @@ class GroupNorm(torch.nn.GroupNorm):
         extra = super().extra_repr()
         if not _TORCH_TAKES_BIAS and self.affine and self.bias is None:
             extra += ", bias=False"
-        return extra if self.activation is None else f"{extra}, activation={self.activation!r}"
+        extra = extra if self.activation is None else f"{extra}, activation={self.activation!r}"
+        return f"{extra}, keep_input_dtype=True" if self.keep_input_dtype else extra
 
 
 # Activation modules convert_model can fuse, and the kernel activation each one is.
@@ -87,7 +94,9 @@ class FusedIntoGroupNorm(torch.nn.Identity):
         return f"fused: {self._original[0]}"
 
 
-def convert_model(model: torch.nn.Module, activation_fusion: bool = False) -> torch.nn.Module:
+def convert_model(
+    model: torch.nn.Module, activation_fusion: bool = False, keep_input_dtype: bool = False
+) -> torch.nn.Module:
     """Make every torch.nn.GroupNorm in `model` (nested, in ModuleLists and Sequentials) a
     gn_triton.GroupNorm, in place, and return `model`.
 
@@ -96,12 +105,15 @@ def convert_model(model: torch.nn.Module, activation_fusion: bool = False) -> to
     activation_fusion=True, a GroupNorm directly followed by nn.SiLU or nn.GELU inside an
     nn.Sequential takes that activation into its kernel, and the activation's slot holds a
     FusedIntoGroupNorm placeholder (indices and state_dict keys are unchanged). Subclasses of
-    nn.GroupNorm with their own forward are left alone.
+    nn.GroupNorm with their own forward are left alone. keep_input_dtype=True sets that attribute of
+    each converted module: under CUDA autocast it returns the input's dtype, not torch's fp32.
     """
     for module in model.modules():
         if type(module) is torch.nn.GroupNorm:
             module.__class__ = GroupNorm
             module.activation = None
+            if keep_input_dtype:
+                module.keep_input_dtype = True
     if activation_fusion:
         for seq in model.modules():
             if not isinstance(seq, torch.nn.Sequential):
@@ -131,5 +143,6 @@ def revert_model(model: torch.nn.Module) -> torch.nn.Module:
                     "revert it by hand (e.g. nn.Sequential(nn.GroupNorm, activation))"
                 )
             del module.activation
+            module.__dict__.pop("keep_input_dtype", None)
             module.__class__ = torch.nn.GroupNorm
     return model

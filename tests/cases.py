@@ -1,6 +1,7 @@
 """The named cases that the tests of results draw from (test_correctness, test_numerics,
 test_epilogues, test_property) and perf/sanitize_case.py: shapes, dtypes, layouts, epilogues and
-forced plans. Plain data: no pytest, no gn_triton, so a script on a GPU machine can import it.
+forced plans. Plain data: no pytest, no gn_triton, so scripts outside pytest (perf/sanitize_case.py,
+the benchmark job's correctness stage) can import it.
 
 A plan is a set of gn_triton._tuning.override_plan fields, and `split` always means Plan.split: the
 programs that share one block of groups along positions (1: the fused path, one launch; more: the
@@ -41,6 +42,15 @@ SIXTEEN_BIT = [torch.float16, torch.bfloat16]
 
 # gn_testing.make_input's memory layouts (channels_last only for 4-D and 5-D input).
 LAYOUTS = ["contiguous", "sliced", "channels_last", "permuted"]
+# gn_testing.laid_out's views of weight, bias (C,) and scale, shift (N, C), besides contiguous ones.
+PARAM_LAYOUTS = ["strided", "stride 0", "transposed", "chunk"]
+
+# Many tiny groups, G = C >= 2048: the plan must keep each block tensor ([R, BLOCK_C] above all)
+# within Triton's 2^20 elements. Run on the planner's own plan only (thousands of groups).
+MANY_GROUPS = {
+    "G=C=2048": Shape((1, 2048, 2), 2048),
+    "G=C=2048, channels_last": Shape((1, 2048, 1, 2), 2048),
+}
 
 ACTIVATIONS = ["silu", "gelu", "gelu_tanh"]
 # Which of the per-sample (N, C) scale and shift are given: gn_testing.make_modulation's arguments.

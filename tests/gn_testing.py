@@ -37,17 +37,35 @@ def make_input(shape, dtype=torch.float32, device="cpu", offset=0.0, scale=1.0, 
     return x
 
 
-def make_params(C, dtype=torch.float32, device="cpu", weight=True, bias=True):
+def laid_out(t, layout="contiguous"):
+    """t's values as a view of cases.PARAM_LAYOUTS' kind: contiguous; strided (every other element of
+    a larger tensor); stride 0 (the first row or element expanded: the values repeat); transposed
+    (a transposed tensor, or for a vector a column of one); chunk (the second half of a torch.chunk)."""
+    if layout == "contiguous":
+        return t
+    if layout == "strided":
+        big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        big[..., ::2] = t
+        return big[..., ::2]
+    if layout == "stride 0":
+        return t[:1].expand(t.shape)
+    if layout == "transposed":
+        return t.t().contiguous().t() if t.dim() == 2 else torch.stack([t, t], 1)[:, 0]
+    assert layout == "chunk", layout
+    return torch.cat([torch.zeros_like(t), t], -1).chunk(2, -1)[1]
+
+
+def make_params(C, dtype=torch.float32, device="cpu", weight=True, bias=True, layout="contiguous"):
     w = (1 + 0.5 * torch.randn(C, dtype=torch.float64, device=device)).to(dtype) if weight else None
     b = torch.randn(C, dtype=torch.float64, device=device).to(dtype) if bias else None
-    return w, b
+    return tuple(None if t is None else laid_out(t, layout) for t in (w, b))
 
 
-def make_modulation(N, C, dtype=torch.float32, device="cpu", scale=True, shift=True):
-    """Per-sample (N, C) scale and shift (None where not asked for)."""
+def make_modulation(N, C, dtype=torch.float32, device="cpu", scale=True, shift=True, layout="contiguous"):
+    """Per-sample (N, C) scale and shift (None where not asked for), laid out as `layout` (laid_out)."""
     s = (0.5 * torch.randn(N, C, dtype=torch.float64, device=device)).to(dtype) if scale else None
     t = torch.randn(N, C, dtype=torch.float64, device=device).to(dtype) if shift else None
-    return s, t
+    return tuple(None if u is None else laid_out(u, layout) for u in (s, t))
 
 
 def forced(plan: str):
@@ -69,13 +87,19 @@ def torch_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation
 def forward_backward(fn, x, num_groups, weight=None, bias=None, dy=None, eps=1e-5, dtype=None, **epilogue):
     """Run fn(x, num_groups, weight, bias, eps, activation=..., scale=..., shift=...) on fresh leaf
     copies (cast to `dtype` if given) and backpropagate dy (random if None). Returns (y, dx, dweight,
-    dbias, dscale, dshift), None where there is no such input; the callers' tensors are never touched."""
+    dbias, dscale, dshift), None where there is no such input; the callers' tensors are never touched.
+    Without `dtype`, each tensor keeps its strides (a strided, transposed or stride-0 view stays one:
+    a view of a copied storage, whose own gradient is returned)."""
 
     def leaf(t):
         if t is None:
             return None
-        t = t.detach().clone() if dtype is None else t.detach().to(dtype)
-        return t.requires_grad_()
+        if dtype is not None:
+            return t.detach().to(dtype).requires_grad_()
+        storage = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage())
+        view = storage.clone().requires_grad_().as_strided(t.shape, t.stride(), t.storage_offset())
+        view.retain_grad()
+        return view
 
     x_, w_, b_ = leaf(x), leaf(weight), leaf(bias)
     scale, shift = leaf(epilogue.pop("scale", None)), leaf(epilogue.pop("shift", None))
@@ -92,12 +116,13 @@ def reference(x, num_groups, weight=None, bias=None, dy=None, eps=1e-5, **epilog
 
 def _torch_params(x, weight, bias):
     """weight and bias as torch's CPU kernel takes them: present (its backward fails on a bias
-    without a weight) and of x's dtype or fp32 (it refuses other mixes)."""
+    without a weight) and of x's dtype, or fp32 for 16-bit x (it refuses other mixes)."""
+    wide = torch.float32 if x.dtype in SIXTEEN_BIT else x.dtype
 
     def fix(t, fill):
         if t is None:
             return torch.full((x.shape[1],), fill, dtype=x.dtype, device=x.device)
-        return t if t.dtype in (x.dtype, torch.float32) else t.float()
+        return t if t.dtype in (x.dtype, wide) else t.to(wide)
 
     return fix(weight, 1.0), fix(bias, 0.0)
 

@@ -7,7 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cases import ACTIVATIONS
-from gn_testing import TOLERANCE, assert_close, make_input, make_modulation, make_params, reference, torch_group_norm
+from gn_testing import (
+    TOLERANCE,
+    assert_close,
+    assert_matches_reference,
+    forward_backward,
+    make_input,
+    make_modulation,
+    make_params,
+    reference,
+    torch_group_norm,
+)
 
 import gn_triton
 from gn_triton import _checks, _launch, _ops, _tuning
@@ -15,13 +25,13 @@ from gn_triton import _checks, _launch, _ops, _tuning
 
 def test_signatures_match_torch():
     """torch's parameters, in torch's order, with torch's defaults; ours adds keyword-only extensions
-    (activation; scale and shift on the function), all defaulting to None."""
-    extensions = {"activation", "scale", "shift"}
+    (activation; scale, shift and keep_input_dtype on the function), defaulting to None (False)."""
+    extensions = {"activation": None, "scale": None, "shift": None, "keep_input_dtype": False}
 
     def without_activation(fn):
         params = inspect.signature(fn).parameters
-        for name in extensions & params.keys():
-            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY and params[name].default is None
+        for name in extensions.keys() & params.keys():
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY and params[name].default is extensions[name]
         assert "activation" in params
         return [(p.name, p.kind, p.default) for p in params.values() if p.name not in extensions]
 
@@ -82,39 +92,74 @@ def tensor(*size, dtype=torch.float32, device=None):
     return lambda test_device: fill(size, dtype=dtype, device=device or test_device)
 
 
-# (name, arguments replacing input=(2, 4, 3) and num_groups=2, exception, words the message must contain)
+# (name, arguments replacing input=(2, 4, 3) and num_groups=2, exception, words the message must contain).
+# The exception is torch's own for the same input (test_bad_input checks it against F.group_norm),
+# except where TORCH_DIFFERS says otherwise, and for the extensions, which torch does not have.
 BAD_INPUTS = [
     ("C not divisible", dict(input=tensor(2, 5, 3)), RuntimeError, ["divisible", "num_groups=2", "(2, 5, 3)"]),
-    ("num_groups 0", dict(num_groups=0), ValueError, ["num_groups", "0"]),
-    ("num_groups negative", dict(num_groups=-2), ValueError, ["num_groups", "-2"]),
+    ("num_groups 0", dict(num_groups=0), ZeroDivisionError, ["num_groups", "0"]),
+    ("num_groups negative", dict(num_groups=-2), RuntimeError, ["num_groups", "-2"]),
     ("num_groups float", dict(num_groups=2.0), TypeError, ["num_groups", "float"]),
+    ("num_groups bool", dict(num_groups=True), TypeError, ["num_groups", "bool"]),
+    ("num_groups None", dict(num_groups=None), TypeError, ["num_groups", "NoneType"]),
+    ("eps a string", dict(eps="1e-5"), TypeError, ["eps", "str"]),
     ("1-D input", dict(input=tensor(4)), RuntimeError, ["2 dimensions", "(4,)"]),
+    ("0-D input", dict(input=tensor()), RuntimeError, ["2 dimensions", "()"]),
     ("one value per group", dict(input=tensor(1, 4, 1), num_groups=4), ValueError, ["more than 1 value", "[1, 4, 1]"]),
-    ("integer input", dict(input=tensor(2, 4, 3, dtype=torch.int64)), TypeError, ["floating", "torch.int64"]),
+    ("integer input", dict(input=tensor(2, 4, 3, dtype=torch.int64)), NotImplementedError, ["floating", "torch.int64"]),
+    ("bool input", dict(input=tensor(2, 4, 3, dtype=torch.bool)), NotImplementedError, ["floating", "torch.bool"]),
+    ("input not a tensor", dict(input=lambda device: [1.0, 2.0]), TypeError, ["input", "list"]),
     ("weight shape", dict(weight=tensor(3)), RuntimeError, ["weight", "(3,)", "4"]),
     ("bias shape", dict(bias=tensor(4, 1)), RuntimeError, ["bias", "(4, 1)"]),
-    ("integer weight", dict(weight=tensor(4, dtype=torch.int32)), TypeError, ["weight", "torch.int32"]),
+    ("integer weight", dict(weight=tensor(4, dtype=torch.int32)), RuntimeError, ["weight", "torch.int32"]),
+    ("integer bias", dict(bias=tensor(4, dtype=torch.int64)), RuntimeError, ["bias", "torch.int64"]),
+    ("weight not a tensor", dict(weight=lambda device: [1.0] * 4), TypeError, ["weight", "list"]),
     ("weight on meta", dict(weight=tensor(4, device="meta")), RuntimeError, ["same device", "weight", "meta"]),
     ("scale shape", dict(scale=tensor(2, 3)), RuntimeError, ["scale", "(2, 4)", "(2, 3)"]),
     ("shift shape", dict(shift=tensor(4)), RuntimeError, ["shift", "(4,)"]),
-    ("integer scale", dict(scale=tensor(2, 4, dtype=torch.int64)), TypeError, ["scale", "torch.int64"]),
+    ("integer scale", dict(scale=tensor(2, 4, dtype=torch.int64)), RuntimeError, ["scale", "torch.int64"]),
     ("shift on meta", dict(shift=tensor(2, 4, device="meta")), RuntimeError, ["same device", "shift", "meta"]),
     ("unknown activation", dict(activation="relu"), ValueError, ["unknown activation='relu'"]),
 ]
+# Where torch raises another type (docs/drop-in.md lists these): torch fails on a list input with an
+# AttributeError from inside its Python wrapper.
+TORCH_DIFFERS = {"input not a tensor": AttributeError}
 
 
 @pytest.mark.parametrize("fallback", [False, True], ids=["kernels", "torch fallback"])
 @pytest.mark.parametrize("name,args,exc,words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input(name, args, exc, words, fallback, device, monkeypatch):
-    """Bad arguments raise like torch, naming the argument, also where torch's own kernel would run."""
-    if fallback:
-        monkeypatch.setattr(_checks, "INTERPRET", False)
+    """Bad arguments raise torch's exception type, naming the argument, also where torch's own
+    kernel would run."""
     kwargs = {"input": tensor(2, 4, 3), "num_groups": 2, **args}
     kwargs = {k: v(device) if callable(v) else v for k, v in kwargs.items()}
+    if not {"scale", "shift", "activation"} & kwargs.keys():
+        with pytest.raises(Exception) as theirs:
+            F.group_norm(**kwargs)
+        assert theirs.type is TORCH_DIFFERS.get(name, exc), f"torch raises {theirs.type.__name__}: {theirs.value}"
+    if fallback:
+        monkeypatch.setattr(_checks, "INTERPRET", False)
     with pytest.raises(exc) as info:
         gn_triton.group_norm(**kwargs)
+    assert info.type is exc
     for word in words:
         assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+def test_backend_for_names_the_path_a_call_runs(device, monkeypatch):
+    x = torch.randn(2, 4, 3, device=device)
+    kernels = "kernels" if device == "cuda" else "interpreter"
+    assert gn_triton.backend_for(x) == kernels
+    assert gn_triton.backend_for(x.to(torch.float8_e4m3fn)) == "torch"  # a dtype the kernels do not take
+    assert gn_triton.backend_for(torch.randn(2, 4, 3, device="meta")) == "torch"
+    monkeypatch.setattr(_checks, "INTERPRET", False)
+    assert gn_triton.backend_for(torch.randn(2, 4, 3)) == "torch"
+    assert gn_triton.backend_for(x) == ("kernels" if device == "cuda" else "torch")
+    if device == "cpu":  # the path backend_for names is the one that runs: torch's kernel, not ours
+        launched = []
+        monkeypatch.setattr(_launch, "gn_fwd", lambda *args: launched.append(args))
+        gn_triton.group_norm(x, 2)
+        assert launched == []
 
 
 @pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 3), (0, 4)], ids=["N=0", "empty spatial", "N=0 (N, C)"])
@@ -179,20 +224,22 @@ def test_saved_statistics(device):
     assert torch.allclose(rstd.double(), 1 / (rows.var(-1, unbiased=False) + 1e-5).sqrt(), rtol=1e-6)
 
 
-# (name, input layout, weight given, activation, scale and shift given)
+# (name, input layout, weight given, activation, scale and shift given, out_dtype: None or fp32 of bf16 input)
 OP_CALLS = [
-    ("plain", "contiguous", True, None, False),
-    ("channels_last, no weight", "channels_last", False, None, False),
-    ("gelu", "contiguous", True, "gelu", False),
-    ("silu, scale and shift", "contiguous", True, "silu", True),
+    ("plain", "contiguous", True, None, False, None),
+    ("channels_last, no weight", "channels_last", False, None, False, None),
+    ("gelu", "contiguous", True, "gelu", False, None),
+    ("silu, scale and shift", "contiguous", True, "silu", True, None),
+    ("bf16 input, fp32 output (autocast)", "contiguous", True, "silu", True, torch.float32),
 ]
 
 
-@pytest.mark.parametrize("name,layout,weight,activation,modulated", OP_CALLS, ids=[c[0] for c in OP_CALLS])
-def test_opcheck(name, layout, weight, activation, modulated, device):
+@pytest.mark.parametrize("name,layout,weight,activation,modulated,out_dtype", OP_CALLS, ids=[c[0] for c in OP_CALLS])
+def test_opcheck(name, layout, weight, activation, modulated, out_dtype, device):
     """torch.library.opcheck of the forward and backward ops, called as autograd.py calls them
     (arguments left at their defaults are left out)."""
-    x = make_input((2, 4, 3, 3), torch.float32, device, layout=layout)
+    dtype = torch.float32 if out_dtype is None else torch.bfloat16
+    x = make_input((2, 4, 3, 3), dtype, device, layout=layout)
     w, b = make_params(4, torch.float32, device, weight=weight)
     scale, shift = make_modulation(2, 4, torch.float32, device) if modulated else (None, None)
 
@@ -201,9 +248,10 @@ def test_opcheck(name, layout, weight, activation, modulated, device):
             args = args[:-1]
         return args
 
-    fwd_args = call(x, w, b, 2, 1e-5, activation, scale, shift, defaults=5)
+    fwd_args = call(x, w, b, 2, 1e-5, activation, scale, shift, out_dtype, defaults=5)
     torch.library.opcheck(_ops.group_norm_fwd, fwd_args)
     y, mean, mean_lo, rstd = _ops.group_norm_fwd(*fwd_args)
+    assert y.dtype == (out_dtype or x.dtype)
     mask = [True, weight, True, modulated, modulated]
     bwd_args = call(torch.randn_like(y), x, w, b, mean, mean_lo, rstd, 2, mask, activation, scale, shift, defaults=9)
     torch.library.opcheck(_ops.group_norm_bwd, bwd_args)
@@ -319,3 +367,30 @@ def test_batch1_is_split_across_the_gpu():
         assert _tuning.heuristic_plan("fwd", big, torch.device("cuda")).split == 1
     finally:
         _tuning.device_info = info
+
+
+# (name, input dtype, weight, bias, input shape): where torch's CPU kernel differs from gn_triton's.
+FALLBACK_FIXES = [
+    ("bias without weight", torch.float32, None, torch.float32, (2, 4, 3)),
+    ("fp32 input, bf16 weight", torch.float32, torch.bfloat16, torch.bfloat16, (2, 4, 3)),
+    ("bf16 input, fp16 weight", torch.bfloat16, torch.float16, torch.float32, (2, 4, 3)),
+    ("fp64 input, fp32 weight", torch.float64, torch.float32, torch.float32, (2, 4, 3)),
+    ("empty spatial", torch.float32, torch.float32, torch.float32, (2, 4, 0, 3)),
+]
+
+
+@pytest.mark.parametrize("name,x_dtype,w_dtype,b_dtype,shape", FALLBACK_FIXES, ids=[f[0] for f in FALLBACK_FIXES])
+def test_cpu_fallback_keeps_gn_triton_behaviour(name, x_dtype, w_dtype, b_dtype, shape, monkeypatch):
+    """Without the interpreter the CPU runs torch's kernel, but as gn_triton's kernels behave: a bias
+    without a weight differentiates, parameters of any floating dtype are taken, empty input gives
+    zero parameter gradients (torch's kernel: a crash, "mixed dtype", NaN)."""
+    monkeypatch.setattr(_checks, "INTERPRET", False)
+    x = make_input(shape, x_dtype)
+    w = None if w_dtype is None else make_params(4, w_dtype)[0]
+    b = make_params(4, b_dtype)[1]
+    if x.numel():
+        assert_matches_reference(x, 2, w, b)  # every output and gradient, in its tensor's dtype
+        return
+    y, dx, dw, db, _, _ = forward_backward(gn_triton.group_norm, x, 2, w, b)
+    assert y.shape == dx.shape == x.shape
+    assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))

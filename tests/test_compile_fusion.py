@@ -14,7 +14,9 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from torch._dynamo.backends.debugging import aot_eager
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor import config as inductor_config
 from torch._inductor.graph import GraphLowering
@@ -283,15 +285,10 @@ def test_forms_that_fuse_and_that_do_not(name, device):
         assert remaining(graph, F.silu)
 
 
-def test_graphs_without_group_norm_and_autocast_norms_are_untouched(device):
+def test_graphs_without_group_norm_are_untouched(device):
     graphs = []
 
     def backend(gm, example_inputs):
-        for node in gm.graph.nodes:
-            if node.target is F.group_norm:
-                # What CUDA autocast records for a 16-bit group_norm: it runs in fp32 there (on a CPU
-                # autocast leaves the dtype). Such a node keeps torch's semantics: not replaced.
-                node.meta["example_value"] = node.meta["example_value"].float()
         before = str(gm.graph)
         assert fuse_group_norms(gm.graph) == 0
         graphs.append((before, str(gm.graph)))
@@ -299,8 +296,56 @@ def test_graphs_without_group_norm_and_autocast_norms_are_untouched(device):
 
     x = torch.randn(2, 8, 4, 4, device=device)
     torch.compile(lambda x: F.silu(x * 2 + 1), backend=backend, fullgraph=True)(x)
-    torch.compile(lambda x: F.silu(F.group_norm(x, 4)), backend=backend, fullgraph=True)(x.bfloat16())
-    assert len(graphs) == 2 and all(before == after for before, after in graphs)
+    assert len(graphs) == 1 and graphs[0][0] == graphs[0][1]
+
+
+@pytest.mark.parametrize("recorded", [torch.float32, torch.float64], ids=["fp32 (CUDA autocast)", "fp64"])
+def test_autocast_norms_keep_torch_dtypes(recorded, device):
+    """A 16-bit group_norm that Dynamo recorded as fp32 (what CUDA autocast does; on a CPU autocast
+    leaves the dtype, so the test sets it) becomes the op writing fp32 from the 16-bit input, with
+    torch's values; any other change of dtype is left to torch."""
+    results = []
+
+    def backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.target is F.group_norm:
+                node.meta["example_value"] = node.meta["example_value"].to(recorded)
+        results.append(fuse_group_norms(gm.graph))
+        gm.recompile()
+        return gm
+
+    x = torch.randn(2, 8, 4, 4, device=device, dtype=torch.bfloat16)
+    y = torch.compile(lambda x: F.silu(F.group_norm(x, 4, eps=EPS)), backend=backend, fullgraph=True)(x)
+    if recorded is torch.float64:
+        assert results == [0]
+        return
+    assert results == [1] and y.dtype == torch.float32
+    expected = F.silu(F.group_norm(x.double(), 4, eps=EPS))
+    assert (y - expected).abs().max() <= 1e-5 * expected.abs().max()  # fp32 from the exact bf16 input
+
+
+def test_forward_ad_is_never_silent(device):
+    """torch.autograd.forward_ad through a graph compiled by AOTAutograd (as Inductor's are) raises
+    torch's NotImplementedError, fused or not; torch.func.jvp of such a function gives torch's tangent.
+    The pass runs before AOTAutograd here as in Inductor, which is left out (its compile is slow)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(4, 8)).to(device, torch.float64)
+    x = torch.randn(2, 3, 6, 6, device=device, dtype=torch.float64)
+    tangent = torch.randn_like(x)
+    expected = torch.func.jvp(model, (x,), (tangent,))
+    fused = []
+
+    def backend(gm, example_inputs):
+        fused.append(fuse_group_norms(gm.graph))
+        gm.recompile()
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(model, backend=backend)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError):
+        compiled(fwAD.make_dual(x, tangent))
+    assert fused == [1]
+    got = torch.func.jvp(compiled, (x,), (tangent,))
+    for g, e in zip(got, expected):
+        assert (g - e).abs().max() <= TOL * e.abs().max()
 
 
 def test_switch_is_idempotent_a_context_manager_and_keeps_a_users_pass():

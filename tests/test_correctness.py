@@ -3,8 +3,8 @@ and layouts. Every output starts poisoned with NaN (conftest.poisoned_outputs)."
 
 import pytest
 import torch
-from cases import AFFINE, DTYPES, PATHS, SHAPES, SIXTEEN_BIT
-from gn_testing import assert_matches_reference, forced, make_input, make_params
+from cases import AFFINE, DTYPES, FUSED_AND_SPLIT, MANY_GROUPS, PARAM_LAYOUTS, PATHS, SHAPES, SIXTEEN_BIT
+from gn_testing import assert_matches_reference, forced, make_input, make_modulation, make_params
 
 import gn_triton
 
@@ -29,6 +29,30 @@ def test_shapes_and_dtypes(shape, dtype, device):
 def test_paths(shape, path, device):
     """Every named shape on every forced path (fp32; the planner's own plan is test_shapes_and_dtypes)."""
     check_shape(shape, torch.float32, path, device, offset=-5.0, scale=3.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", MANY_GROUPS)
+def test_many_tiny_groups(shape, dtype, device):
+    """G = C >= 2048 on the planner's own plan: within Triton's block-tensor cap, right values."""
+    size, groups = MANY_GROUPS[shape]
+    layout = "channels_last" if len(size) == 4 else "contiguous"
+    x = make_input(size, dtype, device, offset=2.0, layout=layout)
+    w, b = make_params(size[1], dtype, device)
+    assert_matches_reference(x, groups, w, b)
+
+
+@pytest.mark.parametrize("path", FUSED_AND_SPLIT)
+@pytest.mark.parametrize("layout", PARAM_LAYOUTS)
+def test_parameter_layouts(layout, path, device):
+    """weight, bias, scale and shift as views of any strides (strided, stride 0, transposed, a chunk):
+    the forward and every gradient, each gradient of its view's shape."""
+    x = make_input((2, 6, 4, 5), torch.float32, device, offset=1.0)
+    w, b = make_params(6, torch.float32, device, layout=layout)
+    scale, shift = make_modulation(2, 6, torch.float32, device, layout=layout)
+    assert not (w.is_contiguous() and scale.is_contiguous()) or layout == "chunk"
+    with forced(path):
+        assert_matches_reference(x, 3, w, b, scale=scale, shift=shift, activation="silu")
 
 
 LAYOUT_SHAPES = {"4-D": ((2, 6, 4, 5), 2), "5-D": ((2, 4, 3, 2, 5), 2)}

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from gn_triton import _cost, _plan_cache, _tuning
+from gn_triton._plan import MAX_TENSOR_NUMEL, merge_step
 from gn_triton._tuning import Plan, Problem
 from perf.suites import BATCHES, SUITES
 
@@ -287,3 +290,71 @@ def test_explain_prints_the_plan_and_the_models_prediction():
     bad = subprocess.run([sys.executable, "-m", "gn_triton.explain", "2x100x8x8:32"], capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "C=100 is not divisible by num_groups=32" in bad.stderr
+
+
+# --- Triton's tensor-size cap -------------------------------------------------------------------
+
+
+def block_tensors(plan: Plan, p: Problem) -> dict[str, int]:
+    """Elements of each block tensor the kernels build under `plan` (kernels/_tile.py)."""
+    R, spans = plan.groups_per_program, plan.span(p.S)[1]
+    return {
+        "[R, BLOCK_C] membership": R * plan.block_c,
+        "[BLOCK_C, BLOCK_S] tile": plan.block_c * plan.block_s,
+        "[R, BLOCK_SPANS] merge": R * merge_step(spans),
+    }
+
+
+@st.composite
+def problems(draw):
+    G = draw(st.sampled_from([1, 2, 3, 32, 320, 2048, 4096, 8192]))
+    Cg = draw(st.sampled_from([1, 2, 3, 16, 64]))
+    S = draw(st.integers(1, 1 << 20))
+    dtype = draw(st.sampled_from([torch.bfloat16, torch.float32, torch.float64]))
+    return Problem(draw(st.integers(1, 64)), G * Cg, S, G, dtype, draw(st.booleans()), True, True)
+
+
+def assert_within_cap(plan, p):
+    for name, numel in block_tensors(plan, p).items():
+        assert numel <= MAX_TENSOR_NUMEL, (name, numel, plan, p)
+
+
+@settings(max_examples=40, deadline=None)
+@given(p=problems(), direction=st.sampled_from(["fwd", "bwd"]))
+@example(p=Problem(1, 2048, 2, 2048, torch.float32, False, True, True), direction="fwd")
+@example(p=Problem(1, 2048, 2, 2048, torch.bfloat16, True, True, True), direction="bwd")
+@example(p=Problem(2, 8192, 1, 8192, torch.float32, False, True, True), direction="fwd")
+def test_every_plan_respects_tritons_tensor_cap(p, direction):
+    """Every plan of the GPU plan space (so every candidate the autotuner may time) and the
+    interpreter's plan keeps each block tensor within Triton's 2^20 elements."""
+    for plan in _tuning.plan_space(direction, p, H100):
+        assert_within_cap(plan, p)
+    assert_within_cap(_tuning.heuristic_plan(direction, p, torch.device("cpu")), p)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    p=problems(),
+    fields=st.fixed_dictionaries(
+        {name: st.sampled_from([1 << k for k in range(0, 15)]) for name in ("groups_per_program", "block_c", "block_s")}
+    ),
+    split=st.integers(1, 64),
+)
+def test_forced_and_cached_plans_are_fitted_within_the_cap(p, fields, split):
+    """Plan.fit, which every plan passes before a launch (forced, cached or tuned), keeps the cap."""
+    assert_within_cap(Plan(split=split, **fields).fit(p), p)
+
+
+def test_fp32_output_of_16_bit_input_costs_its_bytes():
+    """Under CUDA autocast y (and so dy) is fp32 for 16-bit x: the floor counts 2 + 4 bytes an element
+    forward, 2 + 4 + 2 backward (a model)."""
+    assert _cost.floor_bytes("fwd", 10, 2, 4) == 60 and _cost.floor_bytes("bwd", 10, 2, 4) == 80
+    assert _cost.floor_bytes("fwd+bwd", 10, 2, 4) == 140 and _cost.floor_bytes("fwd", 10, 2) == 40
+    p = Problem(8, 320, 4096, 32, torch.bfloat16, False, True, True)
+    widened = Problem(8, 320, 4096, 32, torch.bfloat16, False, True, True, out_dtype=torch.float32)
+    for direction, ratio in (("fwd", 6 / 4), ("bwd", 8 / 6)):
+        plan = _tuning.heuristic_plan(direction, p, H100)
+        assert (
+            _cost.predict(direction, widened, plan, H100).floor_bytes
+            == ratio * _cost.predict(direction, p, plan, H100).floor_bytes
+        )
