@@ -19,7 +19,9 @@ __all__ = [
     "GroupNorm",
     "convert_model",
     "disable_compile_fusion",
+    "disable_eager_override",
     "enable_compile_fusion",
+    "enable_eager_override",
     "group_norm",
     "revert_model",
     "__version__",
@@ -35,4 +37,8 @@ def __getattr__(name: str):
         from . import compile_fusion
 
         return getattr(compile_fusion, name)
+    if name in ("enable_eager_override", "disable_eager_override"):
+        from . import eager_override
+
+        return getattr(eager_override, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
