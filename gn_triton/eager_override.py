@@ -26,9 +26,10 @@ argument ATen would reject, so the error is ATen's.
 The backward's price for ATen's statistics: gn_triton keeps the mean as an fp32 pair (mean, mean_lo)
 so that mean-shifted data normalises exactly; ATen saves one rounded mean. The backward recovers the
 pair by running the forward's statistics again (one extra read of x and one x-sized scratch write:
-for a bandwidth-bound backward that reads x and dy and writes dx, about 5/3 of its time). rstd is
-used as saved: `native_group_norm_backward` has no eps, so a 16-bit rstd (16-bit input without fp32
-parameters) is taken as ATen's own backward takes it.
+for a bandwidth-bound backward that reads x and dy and writes dx, up to about 5/3 of its time). rstd is
+used as saved: `native_group_norm_backward` has no eps. From the override's forward it is gn_triton's
+own; a 16-bit rstd (16-bit input without fp32 parameters), or ATen's rstd when ATen ran the forward,
+is taken as ATen's own backward takes it, with its rounding or error.
 
 torch.compile, CUDA graphs recorded by Inductor and torch.export trace the ATen ops with fake tensors
 and never reach a backend kernel: Inductor lowers group_norm itself (enable_compile_fusion() swaps in

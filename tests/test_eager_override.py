@@ -154,6 +154,31 @@ def test_outputs_and_statistics_as_aten_returns_them(case, device):
             torch.testing.assert_close(g, e, rtol=tol, atol=tol * max(1.0, e.abs().max().item()))
 
 
+def test_backward_recovers_the_mean_from_aten_shaped_statistics(device):
+    """The backward op, given the forward's (mean, rstd) in ATen's form (one rounded fp32 mean), still
+    has gn_triton's accuracy on shifted data: it recomputes what the rounded mean lost. A mean that is
+    not the input's is used as given, as ATen's backward uses it."""
+    n = SHAPE[0]
+    x, dy, w = shifted(*SHAPE, device=device), torch.randn(SHAPE, device=device), torch.randn(C, device=device)
+    xr = x.double().requires_grad_()
+    exact_dx = torch.autograd.grad(group_norm_reference(xr, G, w.double()), xr, dy.double())[0]
+    centered = x - 1e4  # data near 0, where fp32 loses nothing to a mean
+
+    def dx(x, mean, rstd):
+        return aten.native_group_norm_backward(dy, x, mean, rstd, w, n, C, 35, G, [True, False, False])[0]
+
+    with gn_triton.enable_eager_override():
+        _, mean, rstd = aten.native_group_norm(x, w, None, n, C, 35, G, 1e-5)
+        _, _, centered_rstd = aten.native_group_norm(centered, w, None, n, C, 35, G, 1e-5)
+        foreign = torch.randn_like(mean)  # not the mean of `centered`
+        ours, ours_foreign = dx(x, mean, rstd), dx(centered, foreign, centered_rstd)
+    assert mean.dtype == torch.float32
+    aten_dx, aten_foreign = dx(x, mean, rstd), dx(centered, foreign, centered_rstd)
+    assert max_error(ours, exact_dx) <= 1e-5 * exact_dx.abs().max().item()
+    assert max_error(ours, exact_dx) * 100 < max_error(aten_dx, exact_dx)
+    torch.testing.assert_close(ours_foreign, aten_foreign, rtol=1e-4, atol=1e-4)
+
+
 def test_autocast_region_matches_torch(device):
     """Autocast runs above the override: the output dtype is what torch gives, the values agree."""
     x = torch.randn(SHAPE, device=device)
