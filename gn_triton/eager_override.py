@@ -9,7 +9,7 @@ ours at the backend dispatch key (CUDA; also CPU under TRITON_INTERPRET=1) that 
 for every call they support and hands any other call, unchanged, to the ATen kernel that was there
 before. Being a backend kernel, it sits below autograd and autocast: ATen's derivative formula and
 autocast's casts run as always, and the saved statistics are ATen's (N, G) mean and rstd, in the
-dtype ATen gives them (the input's; fp32 for 16-bit input with fp32 weight or bias).
+dtype ATen gives them (the input's; on the CPU fp32 for 16-bit input with fp32 weight or bias).
 
 Where torch has it (2.13) the kernels go through `torch._native`'s override registry, the route
 PyTorch's own DSL kernels use (it also composes with other overrides of these ops); elsewhere (2.11)
@@ -61,11 +61,13 @@ def _dispatch_keys() -> tuple[str, ...]:
 
 def _stats_dtype(x: torch.Tensor, *params: torch.Tensor | None) -> torch.dtype | None:
     """The dtype ATen gives mean and rstd (x's; fp32 for 16-bit x with fp32 parameters), or None
-    where ATen rejects the mix of dtypes."""
+    where ATen rejects the mix of dtypes: its CPU kernel takes fp32 parameters with 16-bit input, its
+    CUDA kernel no mix at all."""
     dtypes = {p.dtype for p in params if p is not None}
     if dtypes <= {x.dtype}:
         return x.dtype
-    return torch.float32 if x.dtype in _HALF and dtypes == {torch.float32} else None
+    mixed = x.device.type == "cpu" and x.dtype in _HALF and dtypes == {torch.float32}
+    return torch.float32 if mixed else None
 
 
 def _input_supported(x: torch.Tensor, N: int, C: int, HxW: int, group: int, params) -> bool:
