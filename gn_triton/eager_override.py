@@ -129,6 +129,8 @@ def _mean_pair(input: torch.Tensor, group: int, mean: torch.Tensor) -> tuple[tor
 
 def _backward(grad_out, input, mean, rstd, weight, N, C, HxW, group, output_mask):
     """aten::native_group_norm_backward: (dx, dweight, dbias), None where output_mask is False."""
+    if not any(output_mask):
+        return None, None, None
     weight = None if weight is None else weight.contiguous()
     mean_hi, mean_lo = _mean_pair(input, group, mean)
     rstd = rstd.reshape(mean_hi.shape).to(mean_hi.dtype)
