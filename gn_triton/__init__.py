@@ -1,4 +1,4 @@
-"""gn_triton: a faster drop-in torch.nn.GroupNorm for NVIDIA GPUs, written in Triton.
+"""gn_triton: a drop-in torch.nn.GroupNorm for NVIDIA GPUs, written in Triton.
 
     import gn_triton
     y = gn_triton.group_norm(x, num_groups=32, weight=w, bias=b)   # like F.group_norm
@@ -6,6 +6,7 @@
     model = gn_triton.convert_model(model, activation_fusion=True)  # every nn.GroupNorm, in place
     gn_triton.backend_for(x)  # "kernels", "interpreter" or "torch": what a call on x runs
     gn_triton.enable_compile_fusion()  # torch.compile: GroupNorm (+ scale-shift, SiLU/GELU) as gn_triton's op
+    gn_triton.enable_eager_override()  # eager: every aten group_norm it supports runs gn_triton's kernels
 
 Importing touches no GPU.
 """
@@ -22,7 +23,9 @@ __all__ = [
     "backend_for",
     "convert_model",
     "disable_compile_fusion",
+    "disable_eager_override",
     "enable_compile_fusion",
+    "enable_eager_override",
     "group_norm",
     "revert_model",
     "__version__",
@@ -38,4 +41,8 @@ def __getattr__(name: str):
         from . import compile_fusion
 
         return getattr(compile_fusion, name)
+    if name in ("enable_eager_override", "disable_eager_override"):
+        from . import eager_override
+
+        return getattr(eager_override, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
