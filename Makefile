@@ -52,15 +52,15 @@ $(VENV)/.perf: $(VENV)/.stack pyproject.toml
 	$(PY) -m pip install -q -e ".[perf]"
 	touch $@
 
-$(FLOOR_VENV)/.test: pyproject.toml
-	$(call new_venv,$(FLOOR_VENV),torch==$(FLOOR_TORCH),triton==$(FLOOR_TRITON))
-	$(FLOOR_VENV)/bin/python -m pip install -q -e ".[test,models,notebooks]"
-	touch $@
-
-$(NEWEST_VENV)/.test: pyproject.toml
-	$(call new_venv,$(NEWEST_VENV),torch==$(NEWEST_TORCH),triton==$(NEWEST_TRITON))
-	$(NEWEST_VENV)/bin/python -m pip install -q -e ".[test,models,notebooks]"
-	touch $@
+# $(call stack_rule,DIR,TORCH,TRITON): the rule making DIR/.test, that stack with the suite's dependencies.
+define stack_rule
+$(1)/.test: pyproject.toml
+	$$(call new_venv,$(1),torch==$(2),triton==$(3))
+	$(1)/bin/python -m pip install -q -e ".[test,models,notebooks]"
+	touch $$@
+endef
+$(eval $(call stack_rule,$(FLOOR_VENV),$(FLOOR_TORCH),$(FLOOR_TRITON)))
+$(eval $(call stack_rule,$(NEWEST_VENV),$(NEWEST_TORCH),$(NEWEST_TRITON)))
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check .
