@@ -187,8 +187,8 @@ for arch in ("gfx942", "gfx950"):
     largest = {}
     for spec in sr.all_specs(quick=True, device=amd_report.device_for(arch)):
         key = (spec.kernel, spec.dtype)
-        if spec.dtype in ("bf16", "fp32") and sr._tile_elems(spec) > sr._tile_elems(largest.get(key, spec)) or (
-            key not in largest and spec.dtype in ("bf16", "fp32")):
+        if spec.dtype in ("bf16", "fp32") and (key not in largest or sr._tile_elems(spec) > sr._tile_elems(
+                largest[key])):
             largest[key] = spec
     rows += [sr.compile_and_inspect(spec, arch) for spec in largest.values()]
 json.dump(rows, open(sys.argv[1], "w"))
