@@ -39,7 +39,7 @@ from gn_triton._tuning import Plan, Problem
 from . import amd_report
 
 ARCHS = (80, 90)
-TARGETS = "sm80,sm90"  # --target's default; gfx942 and gfx950 are AMD Instinct
+TARGETS = ",".join(f"sm{arch}" for arch in ARCHS)  # --target's default; gfx942 and gfx950 are AMD Instinct
 
 # Problems whose candidate plans span what the autotuner can pick: batch 1 and 32 of SD/VAE-like
 # shapes, a tiny-row shape, NCHW and NHWC, 16- and 32-bit.
