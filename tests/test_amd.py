@@ -224,3 +224,13 @@ def test_aligned_nchw_main_loops_load_128_bits_on_amd(amd_report_rows):
     assert rows
     narrow = [(r["kernel"], r["dtype"], r["arch"], r["widest_load_bits"]) for r in rows if r["widest_load_bits"] < 128]
     assert narrow == []
+
+
+def test_the_traffic_stage_on_rocm_is_skipped_with_its_reason(monkeypatch, tmp_path):
+    from perf.evidence import job, traffic
+
+    monkeypatch.setattr(torch.version, "hip", "6.4.0", raising=False)
+    out = job.Job(tmp_path, 60, {})
+    result = traffic.stage_traffic(out, job.Context(device="cuda", rehearse=False, rep_ms=1), job.Clock(1e12))
+    assert result.startswith("skipped (ROCm: ncu is NVIDIA-only") and "rocprof" in result
+    assert "skipped: ROCm" in (tmp_path / "traffic.csv").read_text()
