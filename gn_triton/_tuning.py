@@ -31,7 +31,8 @@ from ._plan import Plan, Problem
 
 @functools.cache
 def device_info(device: torch.device) -> tuple[int, int]:
-    """(SM count, L2 bytes), read from the device the first time it is needed."""
+    """(SM count, L2 bytes), read from the device the first time it is needed (on a ROCm build of torch:
+    compute units, and the L2 of one XCD)."""
     if device.type != "cuda":
         return 4, 4 << 20  # the interpreter: a nominal small GPU
     props = torch.cuda.get_device_properties(device)
@@ -150,7 +151,22 @@ def plan_space(direction: str, p: Problem, dev: DeviceModel) -> list[Plan]:
                     split = triton.cdiv(programs_per_sm * dev.sms, wave or blocks)
                     if split > 1:
                         plans.append(_make_plan(p, split, groups, elems, num_warps, wave))
-    return list(dict.fromkeys(plans))  # fit() folds equivalent plans together
+    return list(dict.fromkeys(_for_warp_size(plan, p, dev) for plan in plans))  # fit() folds equivalent plans
+
+
+def _for_warp_size(plan: Plan, p: Problem, dev: DeviceModel) -> Plan:
+    """The plan's warps made to fit the device's warp width. A 64-wide AMD wavefront holds two 32-wide
+    warps: a program keeps its threads in half as many wavefronts, so each lane keeps the elements and
+    the 128-bit loads of the 32-wide plan; a tile too small to give every lane of its wavefronts a
+    128-bit load takes fewer of them (down to one), so a tile is a multiple of 64 lanes x elements per
+    lane wherever it can be."""
+    if dev.warp_size == 32:
+        return plan
+    num_warps = max(1, plan.num_warps * 32 // dev.warp_size)
+    per_lane = max(1, 16 // p.elem_size)  # elements of one 128-bit load
+    while num_warps > 1 and plan.block_c * plan.block_s < dev.warp_size * num_warps * per_lane:
+        num_warps //= 2
+    return dataclasses.replace(plan, num_warps=num_warps)
 
 
 @functools.lru_cache(maxsize=4096)

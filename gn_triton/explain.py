@@ -1,6 +1,7 @@
 """How gn_triton would run a GroupNorm call, and what the cost model predicts for it (no GPU needed).
 
     python -m gn_triton.explain 2x128x512x512:32 --dtype bf16 --layout channels_last --device h100
+    python -m gn_triton.explain 1x128x512x512:32 --dtype bf16 --device mi300x   # AMD Instinct: planned, not run
 
 SHAPE is x's shape, N x C x spatial..., with the group count after the colon (default 32); the same
 grammar as `python -m perf.sweep --shape`. For the forward and the backward it prints the heuristic
@@ -103,11 +104,17 @@ def measured(device: DeviceModel, direction: str, shape: tuple[int, ...], groups
 
 
 def explain(shape: tuple[int, ...], groups: int, dtype: str, layout: str, device: DeviceModel) -> str:
+    if device.vendor == "amd":  # second reads are modelled from the Infinity Cache (gn_triton/_cost.py)
+        units = (f"{device.sms} CUs, wavefront {device.warp_size}, {device.l2_bytes >> 20} MiB L2 per XCD, "
+                 f"{device.mall_bytes >> 20} MiB Infinity Cache")  # fmt: skip
+        figures = device.source  # says where the CUs and caches come from
+    else:
+        units = f"{device.sms} SMs, {device.l2_bytes >> 20} MiB L2"
+        figures = f"SMs and L2 from the spec sheet; {device.source}"
     lines = [
         f"GroupNorm of x {shape}, {groups} groups, {dtype}, {layout}, on {device.name} "
-        f"({device.sms} SMs, {device.l2_bytes >> 20} MiB L2, {device.copy_gbps:.0f} GB/s copy, "
-        f"{device.launch_us:.0f} us per launch)",
-        f"Device figures: SMs and L2 from the spec sheet; {device.source}.",
+        f"({units}, {device.copy_gbps:.0f} GB/s copy, {device.launch_us:.0f} us per launch)",
+        f"Device figures: {figures}.",
     ]
     if math.prod(shape) == 0:
         return "\n".join(lines + ["Empty input: no kernel is launched; the result is empty (dweight and dbias, "

@@ -1,15 +1,18 @@
-"""Static kernel report: compile gn_triton's kernels ahead of time for NVIDIA GPUs, no GPU needed.
+"""Static kernel report: compile gn_triton's kernels ahead of time for NVIDIA and AMD GPUs, no GPU needed.
 
     python -m perf.static_report            # every kernel of every plan the autotuner can pick
     python -m perf.static_report --quick    # the heuristic plans and the largest tiles (the test suite)
     make static-report TRITON_SPEC=triton==3.6.0 STATIC_ARGS=--quick   # under another triton
     python -m perf.static_report --quick --compare before.json   # a refactor: same code, variant by variant
+    python -m perf.static_report --quick --target gfx942,gfx950   # AMD Instinct (perf/amd_report.py)
 
 For each kernel and config it compiles a cubin for sm_80 and sm_90 with the same divisibility-by-16
 specialisation the runtime applies to aligned pointers and sizes, and reads with the cuobjdump that
 ships in the triton wheel: registers, local-memory (spill) bytes, shared memory, the widest global
 load of the kernel (LDG.E.128 = 128-bit, vectorised) and the number of global loads. It must run
-without TRITON_INTERPRET: the interpreter replaces the kernels with Python.
+without TRITON_INTERPRET: the interpreter replaces the kernels with Python. --target gfx942,gfx950
+compiles the plans of an MI300X / MI355X model (64-wide wavefronts) for AMD Instinct instead, and reads
+VGPRs, scratch, LDS and load widths from the amdgcn text (perf/amd_report.py).
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ from triton.compiler import ASTSource
 from gn_triton import _cost, _plan, _tuning, kernels
 from gn_triton._tuning import Plan, Problem
 
+from . import amd_report
+
 ARCHS = (80, 90)
+TARGETS = ",".join(f"sm{arch}" for arch in ARCHS)  # --target's default; gfx942 and gfx950 are AMD Instinct
 
 # Problems whose candidate plans span what the autotuner can pick: batch 1 and 32 of SD/VAE-like
 # shapes, a tiny-row shape, NCHW and NHWC, 16- and 32-bit.
@@ -94,12 +100,12 @@ def _with(spec: Spec, **constexprs) -> Spec:
     return dataclasses.replace(spec, constexprs=tuple(sorted({**dict(spec.constexprs), **constexprs}.items())))
 
 
-def all_specs(quick: bool) -> list[Spec]:
+def all_specs(quick: bool, device: _cost.DeviceModel | None = None) -> list[Spec]:
     """The specs of every plan the autotuner can pick for SUITE (it times `candidate_plans`; quick:
     the heuristic plans), and in both modes the largest tile of every kernel in every dtype and
     layout anywhere in the plan space (GN_TRITON_TUNE_CANDIDATES=all times them all): the specs a
     compiler is most likely to reject (triton 3.6 rejected large fused-backward tiles) or spill on."""
-    device = _cost.known_device("h100")  # plans for an H100, as on the GPU machines
+    device = device or _cost.known_device("h100")  # plans for an H100 unless told (AMD: amd_report.device_for)
     heuristic: dict[Spec, None] = {}
     candidates: dict[Spec, None] = {}
     largest: dict[tuple, Spec] = {}
@@ -189,12 +195,15 @@ def load_widths(sass: str) -> list[int]:
     return widths
 
 
-def compile_and_inspect(spec: Spec, arch: int) -> dict:
-    """Compile one spec for sm_<arch>; registers, spills, shared memory and widest global load."""
+def compile_and_inspect(spec: Spec, arch: int | str) -> dict:
+    """Compile one spec for sm_<arch> (or an AMD gfx arch); registers, spills, shared memory and widest
+    global load."""
     fn = getattr(kernels, spec.kernel)
     signature, constexprs, attrs = _signature(fn, spec)
     row = dict(kernel=spec.kernel, dtype=spec.dtype, channels_last=spec.channels_last, aligned=spec.aligned,
                arch=f"sm_{arch}", num_warps=spec.num_warps, **dict(spec.constexprs))  # fmt: skip
+    if str(arch).startswith("gfx"):
+        return amd_report.compile_and_inspect(spec, arch, (signature, constexprs, attrs), row)
     try:
         compiled = triton.compile(
             ASTSource(fn, signature, constexprs, attrs),
@@ -224,10 +233,16 @@ def _inspect(args: tuple[Spec, int]) -> dict:
     return compile_and_inspect(*args)
 
 
-def run(quick: bool, jobs: int) -> list[dict]:
+def run(quick: bool, jobs: int, targets: str = TARGETS) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("static_report compiles real kernels: run it without TRITON_INTERPRET=1")
-    work = [(spec, arch) for spec in all_specs(quick) for arch in ARCHS]
+    unknown = [t for t in targets.split(",") if not re.fullmatch(r"sm\d+", t) and t not in amd_report.DEVICE_OF_ARCH]
+    if unknown:
+        raise SystemExit(f"--target: unknown {unknown}; e.g. sm80,sm90,{','.join(amd_report.DEVICE_OF_ARCH)}")
+    archs = [int(t.removeprefix("sm")) if t.startswith("sm") else t for t in targets.split(",")]
+    devices = {arch: amd_report.device_for(arch) if arch in amd_report.DEVICE_OF_ARCH else None for arch in archs}
+    specs = {device: all_specs(quick, device) for device in dict.fromkeys(devices.values())}
+    work = [(spec, arch) for arch in archs for spec in specs[devices[arch]]]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(_inspect, work))
 
@@ -266,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--compare", type=Path, help="a report's JSON (--json) to compare variant by variant")
+    parser.add_argument("--target", default=TARGETS, help=f"comma-separated: sm80, sm90, gfx942, gfx950 ({TARGETS})")
     args = parser.parse_args(argv)
-    rows = run(args.quick, args.jobs)
+    rows = run(args.quick, args.jobs, args.target)
     print("\n".join(launches_per_call()))
     header = f"{'kernel':32} {'dtype':5} {'layout':6} {'arch':6} {'warps':>5} {'tile':>9} {'regs':>4} "
     print(header + f"{'spill':>5} {'smem':>6} {'ldg':>4} {'loads':>5}")
@@ -285,11 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     failed = [r for r in rows if "error" in r]
-    compiled = [r for r in rows if "error" not in r]
-    spilled = sum(1 for r in compiled if r["spill_bytes"])
-    max_registers = max((r["registers"] for r in compiled), default=0)
-    print(f"triton {triton.__version__}: {len(rows)} compilations, {len(failed)} failed, {spilled} spill, "
-          f"max registers {max_registers}")  # fmt: skip
+    for part, spill, registers in (("sm", "spill", "registers"), ("gfx", "scratch", "VGPRs")):
+        mine = [r for r in rows if r["arch"].startswith(part)]
+        compiled = [r for r in mine if "error" not in r]
+        if mine:
+            print(f"triton {triton.__version__}{'' if part == 'sm' else ' ' + part}: {len(mine)} compilations, "
+                  f"{len(mine) - len(compiled)} failed, {sum(1 for r in compiled if r['spill_bytes'])} {spill}, "
+                  f"max {registers} {max((r['registers'] for r in compiled), default=0)}")  # fmt: skip
     if args.compare:
         differences = compare(json.loads(args.compare.read_text()), rows)
         print("\n".join(differences) or f"identical to {args.compare}, variant by variant")

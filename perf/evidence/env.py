@@ -27,7 +27,8 @@ def stage_env(job: Job, ctx: Context, clock: Clock) -> str:
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=props.name, sm_count=props.multi_processor_count, l2_bytes=props.L2_cache_size,
                    memory_bytes=props.total_memory, capability=f"{props.major}.{props.minor}",
-                   cuda=torch.version.cuda,
+                   cuda=torch.version.cuda, hip=getattr(torch.version, "hip", None),
+                   arch=getattr(props, "gcnArchName", ""),  # ROCm: gfx942 (MI300X/MI325X), gfx950 (MI355X)
                    nvidia_smi=run_text(["nvidia-smi", f"--query-gpu={NVIDIA_SMI_QUERY}", "--format=csv"]))  # fmt: skip
     else:
         env.update(gpu=f"cpu-{platform.machine()}-rehearsal", sm_count=0)

@@ -1,5 +1,6 @@
 """Stage 5: DRAM traffic measured by Nsight Compute (ncu) against the floor bytes, for a fused and a
 split-in-waves plan of two large problems: whether the second read of each path really comes from L2.
+Skipped, with the reason in traffic.csv, where there is no ncu and on a ROCm build of torch.
 
     python -m perf.evidence.traffic INDEX PATH   # the profiled case; the stage runs it under ncu
 """
@@ -69,13 +70,21 @@ def parse_ncu_csv(text: str) -> list[dict]:
     return rows
 
 
+def rocm_skip_reason() -> str:
+    """Why a ROCm host skips this stage: ncu profiles NVIDIA GPUs only, and the ROCm profiler's DRAM
+    counters (rocprofv3 --pmc FETCH_SIZE WRITE_SIZE, per dispatch, without the NVTX range filter this
+    stage relies on) are not wired up."""
+    found = shutil.which("rocprofv3") or shutil.which("rocprof")
+    return f"ROCm: ncu is NVIDIA-only; DRAM counters from {found or 'rocprofv3 (not found)'} are not wired up"
+
+
 def stage_traffic(job: Job, ctx: Context, clock: Clock) -> str:
-    from gn_triton._cost import floor_bytes
+    from gn_triton._cost import floor_bytes, is_rocm
 
     out = job.rows("traffic.csv", COLUMNS)
     ncu = shutil.which("ncu")
-    if ctx.device != "cuda" or ncu is None:
-        why = "rehearsal: no GPU" if ctx.device != "cuda" else "ncu not found"
+    if ctx.device != "cuda" or ncu is None or is_rocm():
+        why = "rehearsal: no GPU" if ctx.device != "cuda" else rocm_skip_reason() if is_rocm() else "ncu not found"
         out.write(dict(shape="-", status=f"skipped: {why}"))
         return f"skipped ({why})"
     done = 0
