@@ -2,7 +2,8 @@
 
 A call is a Problem and an Affine, cut into programs by a Plan (gn_triton._plan) that
 gn_triton._tuning chooses (the cost model's, or autotuned); this module allocates the outputs and
-workspaces and launches the kernels of that plan.
+workspaces and launches the kernels of that plan, as the launch table (gn_triton._launches) lists
+them: this module only says which tensors and sizes each kernel takes.
 """
 
 from __future__ import annotations
@@ -10,20 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import triton
 
-from . import _tuning
-from ._plan import Affine, Plan, Problem, memory_format, merge_step
-from .kernels import (
-    _gn_bwd_dparams_kernel,
-    _gn_bwd_dscale_shift_kernel,
-    _gn_bwd_fused_kernel,
-    _gn_bwd_partial_sums_kernel,
-    _gn_bwd_split_dx_kernel,
-    _gn_fwd_fused_kernel,
-    _gn_fwd_partial_stats_kernel,
-    _gn_fwd_split_apply_kernel,
-)
+from . import _tuning, kernels
+from ._launches import Launch, plan_launches
+from ._plan import Affine, Plan, Problem, memory_format
+
+# The kernels by name, as the launch table names them.
+KERNELS = {name: getattr(kernels, name) for name in kernels.__all__ if name.endswith("_kernel")}
 
 
 def stats_dtype(x: torch.Tensor) -> torch.dtype:
@@ -100,24 +94,23 @@ def gn_fwd(
     return y, mean, mean_lo, rstd
 
 
+def _run(launches: list[Launch], arguments: dict) -> None:
+    """Each launch of the table, with the positional arguments its kernel takes (arguments[kernel](offset))."""
+    for launch in launches:
+        KERNELS[launch.kernel][launch.grid](*arguments[launch.kernel](launch.offset), **launch.constexprs)
+
+
 def _launch_fwd(x, y, affine: Affine, mean, mean_lo, rstd, eps, p: Problem, plan: Plan) -> None:
-    flags, blocks = p.flags(), plan.meta()
     w, b, scale, shift = affine.pointers(x)
-    if plan.split == 1:
-        _gn_fwd_fused_kernel[(plan.blocks(p),)](
-            x, y, w, b, scale, shift, mean, mean_lo, rstd, p.C, p.S, p.G, p.Cg, *_eps_pair(eps), **blocks, **flags
-        )
-        return
+    sizes, eps_pair = (p.C, p.S, p.G, p.Cg), _eps_pair(eps)
     span, spans = plan.span(p.S)
-    partials = torch.empty((p.rows, spans, 3), dtype=mean.dtype, device=x.device)
-    for offset, count in plan.waves(p):
-        _gn_fwd_partial_stats_kernel[(count, spans)](
-            x, partials, offset, p.C, p.S, p.G, p.Cg, span, spans, **blocks, **p.base_flags()
-        )
-        _gn_fwd_split_apply_kernel[(count, spans)](
-            x, y, w, b, scale, shift, partials, mean, mean_lo, rstd, offset, p.C, p.S, p.G, p.Cg, span, spans,
-            *_eps_pair(eps), BLOCK_SPANS=merge_step(spans), **blocks, **flags,
-        )  # fmt: skip
+    partials = torch.empty((p.rows, spans, 3), dtype=mean.dtype, device=x.device) if plan.split > 1 else None
+    _run(plan_launches("fwd", p, plan), {
+        "_gn_fwd_fused_kernel": lambda _: (x, y, w, b, scale, shift, mean, mean_lo, rstd, *sizes, *eps_pair),
+        "_gn_fwd_partial_stats_kernel": lambda offset: (x, partials, offset, *sizes, span, spans),
+        "_gn_fwd_split_apply_kernel": lambda offset: (
+            x, y, w, b, scale, shift, partials, mean, mean_lo, rstd, offset, *sizes, span, spans, *eps_pair),
+    })  # fmt: skip
 
 
 def gn_bwd(
@@ -156,40 +149,19 @@ def gn_bwd(
 
 def _launch_bwd(dy, x, affine: Affine, mean, mean_lo, rstd, grads, p: Problem, plan: Plan) -> None:
     dx, dw, db, dscale, dshift = (g if g.numel() else x for g in grads)  # placeholders where not needed
-    needs_dx, needs_dw, needs_db, needs_dscale, needs_dshift = (g.numel() > 0 for g in grads)
-    flags, blocks = p.flags(), plan.meta()
+    needs = tuple(g.numel() > 0 for g in grads)
     w, b, scale, shift = affine.pointers(x)
-    needs_partials = needs_dw or needs_db or needs_dscale or needs_dshift
-    if plan.split == 1:
-        spans = 1
-        partials = torch.empty((p.N, p.C, 1, 2), dtype=mean.dtype, device=x.device) if needs_partials else x
-        _gn_bwd_fused_kernel[(plan.blocks(p),)](
-            x, dy, dx, w, b, scale, shift, mean, mean_lo, rstd, partials, p.C, p.S, p.G, p.Cg,
-            NEEDS_DX=needs_dx, NEEDS_PARTIALS=needs_partials, **blocks, **flags,
-        )  # fmt: skip
-    else:
-        span, spans = plan.span(p.S)
-        partials = torch.empty((p.N, p.C, spans, 2), dtype=mean.dtype, device=x.device)
-        for offset, count in plan.waves(p):
-            _gn_bwd_partial_sums_kernel[(count, spans)](
-                x, dy, w, b, scale, shift, mean, mean_lo, rstd, partials, offset, p.C, p.S, p.G, p.Cg, span,
-                spans, **blocks, **flags,
-            )  # fmt: skip
-            if needs_dx:
-                _gn_bwd_split_dx_kernel[(count, spans)](
-                    x, dy, dx, w, b, scale, shift, mean, mean_lo, rstd, partials, offset, p.C, p.S, p.G, p.Cg,
-                    span, spans, BLOCK_SPANS=merge_step(spans), **blocks, **flags,
-                )  # fmt: skip
-    block_c = min(triton.next_power_of_2(p.C), 128)
-    if needs_dw or needs_db:
-        _gn_bwd_dparams_kernel[(triton.cdiv(p.C, block_c),)](
-            partials, mean_lo, rstd, scale, dw, db, p.N, p.C, p.G, p.Cg, spans,
-            BLOCK_N=min(triton.next_power_of_2(p.N), 16), BLOCK_C=block_c, HAS_SCALE=p.has_scale,
-            NEEDS_DW=needs_dw, NEEDS_DB=needs_db, ACC=flags["ACC"],
-        )  # fmt: skip
-    if needs_dscale or needs_dshift:
-        _gn_bwd_dscale_shift_kernel[(p.N, triton.cdiv(p.C, block_c))](
-            partials, w, b, mean_lo, rstd, dscale, dshift, p.C, p.G, p.Cg, spans, BLOCK_C=block_c,
-            HAS_WEIGHT=p.has_weight, HAS_BIAS=p.has_bias, NEEDS_DSCALE=needs_dscale, NEEDS_DSHIFT=needs_dshift,
-            ACC=flags["ACC"],
-        )  # fmt: skip
+    sizes, stats = (p.C, p.S, p.G, p.Cg), (mean, mean_lo, rstd)
+    span, spans = plan.span(p.S) if plan.split > 1 else (p.S, 1)
+    # Per-(n, c) sums of dz and dz*(x - mean) per span: the split dx's and the parameter gradients' input.
+    needs_partials = plan.split > 1 or any(needs[1:])
+    partials = torch.empty((p.N, p.C, spans, 2), dtype=mean.dtype, device=x.device) if needs_partials else x
+    _run(plan_launches("bwd", p, plan, needs), {
+        "_gn_bwd_fused_kernel": lambda _: (x, dy, dx, w, b, scale, shift, *stats, partials, *sizes),
+        "_gn_bwd_partial_sums_kernel": lambda offset: (
+            x, dy, w, b, scale, shift, *stats, partials, offset, *sizes, span, spans),
+        "_gn_bwd_split_dx_kernel": lambda offset: (
+            x, dy, dx, w, b, scale, shift, *stats, partials, offset, *sizes, span, spans),
+        "_gn_bwd_dparams_kernel": lambda _: (partials, mean_lo, rstd, scale, dw, db, p.N, p.C, p.G, p.Cg, spans),
+        "_gn_bwd_dscale_shift_kernel": lambda _: (partials, w, b, mean_lo, rstd, dscale, dshift, p.C, p.G, p.Cg, spans),
+    })  # fmt: skip

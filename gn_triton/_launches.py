@@ -1,6 +1,6 @@
 """Which kernels a plan launches, on which grid, with which constexprs: one table of a call's launches
-that the cost model (how many), `explain` (which) and the tests (against what the launcher really
-launches) read.
+that the launcher (gn_triton._launch runs exactly these), the cost model (how many), `explain` (which)
+and the tests read.
 
     plan_launches("bwd", problem, plan, needs) -> [Launch("_gn_bwd_partial_sums_kernel", (12, 32), {...}), ...]
 
@@ -28,6 +28,7 @@ class Launch:
     kernel: str  # its name in gn_triton.kernels
     grid: tuple[int, ...]
     constexprs: dict = field(default_factory=dict)  # every keyword argument: constexprs and num_warps
+    offset: int = 0  # the first block of the launch's wave (the split kernels' block_offset argument)
 
 
 def default_needs(p: Problem) -> tuple[bool, ...]:
@@ -45,9 +46,9 @@ def plan_launches(direction: str, p: Problem, plan: Plan, needs: Sequence[bool] 
             return [Launch("_gn_fwd_fused_kernel", (plan.blocks(p),), flags)]
         spans = plan.span(p.S)[1]
         stats, apply = dict(plan.meta(), **p.base_flags()), dict(flags, BLOCK_SPANS=merge_step(spans))
-        return [launch for _, count in plan.waves(p)
-                for launch in (Launch("_gn_fwd_partial_stats_kernel", (count, spans), stats),
-                               Launch("_gn_fwd_split_apply_kernel", (count, spans), apply))]  # fmt: skip
+        return [launch for offset, count in plan.waves(p)
+                for launch in (Launch("_gn_fwd_partial_stats_kernel", (count, spans), stats, offset),
+                               Launch("_gn_fwd_split_apply_kernel", (count, spans), apply, offset))]  # fmt: skip
     needs_partials = needs_dw or needs_db or needs_dscale or needs_dshift
     if plan.split == 1:
         spans = 1
@@ -57,10 +58,10 @@ def plan_launches(direction: str, p: Problem, plan: Plan, needs: Sequence[bool] 
         spans = plan.span(p.S)[1]
         dx = dict(flags, BLOCK_SPANS=merge_step(spans))
         out = []
-        for _, count in plan.waves(p):
-            out.append(Launch("_gn_bwd_partial_sums_kernel", (count, spans), flags))
+        for offset, count in plan.waves(p):
+            out.append(Launch("_gn_bwd_partial_sums_kernel", (count, spans), flags, offset))
             if needs_dx:
-                out.append(Launch("_gn_bwd_split_dx_kernel", (count, spans), dx))
+                out.append(Launch("_gn_bwd_split_dx_kernel", (count, spans), dx, offset))
     block_c = min(triton.next_power_of_2(p.C), 128)
     channel_blocks = triton.cdiv(p.C, block_c)
     if needs_dw or needs_db:

@@ -1,7 +1,8 @@
-"""The launch table (gn_triton/_launches.py) against what the launcher really launches: for every
-forced plan of the suite, forward and backward, with and without scale/shift and for each set of
-gradients asked for, the same kernels in the same order, on the same grids, with the same keyword
-arguments; and the cost model's launch count is the table's."""
+"""The launch table (gn_triton/_launches.py), which the launcher runs, against what reaches the
+kernels: for every forced plan of the suite, forward and backward, with and without scale/shift and
+for each set of gradients asked for, the same kernels in the same order, on the same grids, with the
+same keyword arguments (the correctness tests show those launches compute the right results); and
+the cost model's launch count is the table's."""
 
 import contextlib
 
@@ -13,8 +14,6 @@ from gn_testing import forced, make_input, make_modulation, make_params
 import gn_triton
 from gn_triton import _cost, _launch
 from gn_triton._launches import plan_launches
-
-KERNELS = [name for name in dir(_launch) if name.startswith("_gn_") and name.endswith("_kernel")]
 
 
 class _Recorder:
@@ -35,8 +34,8 @@ class _Recorder:
 def recording(monkeypatch):
     """Yields (launches, calls): every kernel launch, and every (direction, problem, plan, needs)."""
     launches, calls = [], []
-    for name in KERNELS:
-        monkeypatch.setattr(_launch, name, _Recorder(name, getattr(_launch, name), launches))
+    for name, kernel in _launch.KERNELS.items():
+        monkeypatch.setitem(_launch.KERNELS, name, _Recorder(name, kernel, launches))
     fwd, bwd = _launch._launch_fwd, _launch._launch_bwd
 
     def launch_fwd(x, y, affine, mean, mean_lo, rstd, eps, p, plan):
