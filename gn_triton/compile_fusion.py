@@ -56,6 +56,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import _checks
 from ._checks import INTERPRET
+from ._switch import Switch
 
 _GROUP_NORMS = (F.group_norm, torch.group_norm)
 _GROUP_NORM_PARAMS = ("input", "num_groups", "weight", "bias", "eps")  # shared by both signatures
@@ -228,29 +229,21 @@ def _set_enabled(enabled: bool) -> None:
         inductor_config.pre_grad_custom_pass = inductor_config.pre_grad_custom_pass.previous
 
 
-class _Switch:
-    """What enable/disable return: the switch is already made; used as a context manager it puts
-    back the pre-grad pass from before the call on exit."""
-
-    def __init__(self, enabled: bool) -> None:
-        self._before = inductor_config.pre_grad_custom_pass
-        _set_enabled(enabled)
-
-    def __enter__(self) -> _Switch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        inductor_config.pre_grad_custom_pass = self._before
+def _switch(enabled: bool) -> Switch:
+    """The pre-grad pass from before the call comes back when the switch is used as a context manager."""
+    return Switch(lambda: inductor_config.pre_grad_custom_pass,
+                  lambda before: setattr(inductor_config, "pre_grad_custom_pass", before),
+                  lambda: _set_enabled(enabled))  # fmt: skip
 
 
-def enable_compile_fusion() -> _Switch:
+def enable_compile_fusion() -> Switch:
     """Make the torch.compile (Inductor) compilations that follow run gn_triton's GroupNorm with its
     epilogues fused (see gn_triton.compile_fusion). Idempotent; `with enable_compile_fusion():`
     enables it for the block only."""
-    return _Switch(True)
+    return _switch(True)
 
 
-def disable_compile_fusion() -> _Switch:
+def disable_compile_fusion() -> Switch:
     """Undo enable_compile_fusion: later compilations use Inductor's own GroupNorm lowering again.
     Idempotent; also a context manager (disabled inside the block)."""
-    return _Switch(False)
+    return _switch(False)

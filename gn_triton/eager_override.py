@@ -49,6 +49,7 @@ import torch
 from . import _checks, _ops
 from ._launch import stats_dtype
 from ._plan import memory_format
+from ._switch import Switch
 
 _DSL_NAME = "gn_triton"  # our name in torch._native's registry
 _HALF = (torch.float16, torch.bfloat16)
@@ -227,30 +228,19 @@ def _set_enabled(enabled: bool) -> None:
     _enabled = enabled
 
 
-class _Switch:
-    """What enable/disable return: the switch is already made; used as a context manager it puts
-    back the state from before the call on exit."""
-
-    def __init__(self, enabled: bool) -> None:
-        self._before = _enabled
-        _set_enabled(enabled)
-
-    def __enter__(self) -> _Switch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _set_enabled(self._before)
+def _switch(enabled: bool) -> Switch:
+    return Switch(lambda: _enabled, _set_enabled, lambda: _set_enabled(enabled))
 
 
-def enable_eager_override() -> _Switch:
+def enable_eager_override() -> Switch:
     """Run every aten::native_group_norm and its backward that gn_triton supports on gn_triton's
     kernels (nn.GroupNorm, F.group_norm, torch.group_norm, no model edits); other calls run ATen's
     kernel unchanged. See gn_triton.eager_override. Idempotent; `with enable_eager_override():`
     enables it for the block only."""
-    return _Switch(True)
+    return _switch(True)
 
 
-def disable_eager_override() -> _Switch:
+def disable_eager_override() -> Switch:
     """Undo enable_eager_override: ATen's kernels again. Idempotent; also a context manager
     (disabled inside the block)."""
-    return _Switch(False)
+    return _switch(False)
