@@ -3,12 +3,19 @@ comparison with the float64 reference (assert_matches_reference)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from cases import PLANS, SIXTEEN_BIT
 
 import gn_triton
 from gn_triton import _tuning
+from gn_triton.functional import TORCH_ACTIVATIONS  # noqa: F401  (tests take torch's activations from here)
+from gn_triton.functional import _torch_epilogue as torch_epilogue
 from gn_triton.reference import TOLERANCE, group_norm_reference
 from gn_triton.reference import relative_error as error
 
@@ -16,7 +23,6 @@ OUTPUTS = ("y", "dx", "dweight", "dbias", "dscale", "dshift")
 
 # torch's form of each fused activation, kept apart from gn_triton's own table (its CPU fallback)
 # so that the fallback is compared with something it does not share.
-TORCH_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh")}
 
 
 def make_input(shape, dtype=torch.float32, device="cpu", offset=0.0, scale=1.0, layout="contiguous"):
@@ -74,14 +80,20 @@ def forced(plan: str):
 
 
 def torch_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, scale=None, shift=None):
-    """torch's own ops: F.group_norm, then y*(1 + scale) + shift per (n, c), then the activation."""
-    y = F.group_norm(x, num_groups, weight, bias, eps)
-    per_channel = (*y.shape[:2], *[1] * (y.dim() - 2))
-    if scale is not None:
-        y = y * (1 + scale.reshape(per_channel))
-    if shift is not None:
-        y = y + shift.reshape(per_channel)
-    return y if activation is None else TORCH_ACTIVATIONS[activation](y)
+    """torch's own ops: F.group_norm, then y*(1 + scale) + shift per (n, c), then the activation (the
+    torch fallback's epilogue)."""
+    return torch_epilogue(F.group_norm(x, num_groups, weight, bias, eps), activation, scale, shift)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_without_interpreter(*args: str, timeout: float = 900, **env: str) -> subprocess.CompletedProcess:
+    """`python *args` from the repository root with TRITON_INTERPRET unset (and `env` added): the
+    kernels compile for real, or a command sets the interpreter itself before gn_triton loads."""
+    environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=environ, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
 
 
 def forward_backward(fn, x, num_groups, weight=None, bias=None, dy=None, eps=1e-5, dtype=None, **epilogue):

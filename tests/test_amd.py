@@ -5,7 +5,6 @@ kernel for gfx942 and gfx950 at its largest tile, with no scratch (spills)."""
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 import types
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gn_testing import python_without_interpreter
 
 from gn_triton import _cost, _tuning, explain
 from gn_triton._tuning import Problem
@@ -198,9 +198,7 @@ json.dump(rows, open(sys.argv[1], "w"))
 @pytest.fixture(scope="module")
 def amd_report_rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("amd") / "rows.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real compilation
-    proc = subprocess.run([sys.executable, "-c", _COMPILE, str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    proc = python_without_interpreter("-c", _COMPILE, str(out), timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
 

@@ -113,6 +113,16 @@ def compile_and_run(model, inputs):
     return result, "\n".join(codes)
 
 
+def fused_code(model, inputs) -> str:
+    """The code Inductor generates for `model` with the fusion pass on, once its output and gradients
+    are checked against the eager model's."""
+    expected = run(model, inputs)
+    with gn_triton.enable_compile_fusion():
+        result, code = compile_and_run(model, inputs)
+    assert_matches(result, expected)
+    return code
+
+
 def fused_calls(code: str) -> list[str]:
     return [line.strip() for line in code.splitlines() if OP in line]
 
@@ -143,10 +153,7 @@ def sequential(device):
 
 def test_unconverted_sequential_calls_gn_triton_with_silu_fused(device):
     model, inputs = sequential(device)
-    expected = run(model, inputs)
-    with gn_triton.enable_compile_fusion():
-        result, code = compile_and_run(model, inputs)
-    assert_matches(result, expected)
+    code = fused_code(model, inputs)
     [call] = fused_calls(code)
     assert epilogue(call) == ("'silu'", False, False)
     assert "gn_triton.group_norm_bwd.default(" in code  # the backward is gn_triton's op
@@ -200,10 +207,7 @@ def test_diffusers_unet_fuses_every_norm(device):
         resnet_time_scale_shift="scale_shift",
     ).to(device, torch.float64)  # fmt: skip
     inputs = (torch.randn(2, 3, 8, 8, dtype=torch.float64, device=device), torch.tensor([0, 0], device=device))
-    expected = run(model, inputs)
-    with gn_triton.enable_compile_fusion():
-        result, code = compile_and_run(model, inputs)
-    assert_matches(result, expected)
+    code = fused_code(model, inputs)
     resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in model.modules())
     calls = fused_calls(code)
     assert len(calls) == sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == 2 * resnets + 1

@@ -6,11 +6,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from gn_testing import python_without_interpreter
 
 from perf import gpu_evidence, ingest
 from perf.evidence import correctness, traffic
@@ -23,9 +23,8 @@ rehearsal = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason
 
 def rehearse(out: Path, *extra: str, budget: float = 400) -> subprocess.CompletedProcess:
     """The rehearsal as a user starts it: without TRITON_INTERPRET (it sets it before gn_triton loads)."""
-    cmd = [sys.executable, "-m", "perf.gpu_evidence", "--rehearse", "--out", str(out), "--budget-s", str(budget)]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([*cmd, *extra], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    return python_without_interpreter("-m", "perf.gpu_evidence", "--rehearse", "--out", str(out), "--budget-s",
+                                      str(budget), *extra)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

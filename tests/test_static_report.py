@@ -3,12 +3,10 @@ and the NCHW main loops of aligned 16-bit and 32-bit inputs use 128-bit global l
 the installed triton; `make static-report TRITON_SPEC=triton==3.6.0` checks another one."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from gn_testing import python_without_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,11 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("static") / "report.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real compilation
-    proc = subprocess.run(
-        [sys.executable, "-m", "perf.static_report", "--quick", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    proc = python_without_interpreter("-m", "perf.static_report", "--quick", "--json", str(out))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
 
