@@ -84,7 +84,9 @@ def _nchw_tile(p: Problem, channels: int, positions: int, elems: int, split: int
 
 def _make_plan(p: Problem, split: int, groups: int, elems: int, num_warps: int, wave_blocks: int) -> Plan:
     block_c, block_s = _tile(p, groups, elems, split)
-    if not p.channels_last:  # a smaller NCHW tile (no masked rows) keeps the elements per thread
+    if not p.channels_last and block_s >= 256:
+        # A smaller NCHW tile (no masked rows) keeps the elements per thread when its rows are long;
+        # shorter rows keep the warps (fewer rows per thread: perf.static_report --loops counts less).
         num_warps = max(1, min(num_warps, num_warps * block_c * block_s // elems))
     return Plan(split, groups, block_c, block_s, num_warps, wave_blocks).fit(p)
 
