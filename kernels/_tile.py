@@ -197,7 +197,7 @@ def shifted_stats(
     if R == 1:  # every row of every channel block is the one group's: fold once
         total_e += tl.sum(tl.sum(sum_e, axis=1), axis=0)
         total_e2 += tl.sum(tl.sum(sum_e2, axis=1), axis=0)
-    count = (channels * (s_end - s_begin)).to(ACC)
+    count = channels.to(ACC) * (s_end - s_begin).to(ACC)  # in ACC: a group may hold 2^31 elements or more
     mean_e = total_e / tl.maximum(count, 1.0)
     m2 = total_e2 - total_e * mean_e
     return count, (shift - pilot) + mean_e, tl.where(m2 < 0.0, 0.0, m2)
