@@ -264,6 +264,12 @@ def table(rows: list[dict], before: list[dict] | None = None) -> list[str]:
     return lines
 
 
+def dump(triton_version: str, kernel_version: str, rows: list[dict]) -> str:
+    """The report as JSON, one row per line (small diffs between reports)."""
+    lines = ",\n".join(json.dumps(r, separators=(",", ":")) for r in rows)
+    return f'{{"triton": "{triton_version}", "kernel_version": "{kernel_version}", "rows": [\n{lines}\n]}}\n'
+
+
 def main(jobs: int, json_path: Path | None, compare: Path | None) -> int:
     rows = run(jobs)
     before = json.loads(compare.read_text())["rows"] if compare else None
@@ -273,8 +279,7 @@ def main(jobs: int, json_path: Path | None, compare: Path | None) -> int:
     print(f"bf16 issue budgets per element: {budgets} (SMs x 4 x 32 x clock / (copy bandwidth / bytes per element))")
     print("\n".join(table(rows, before)))
     if json_path:
-        json_path.write_text(json.dumps(dict(triton=triton.__version__, kernel_version=kernels.KERNEL_VERSION,
-                                             rows=rows), indent=1))  # fmt: skip
+        json_path.write_text(dump(triton.__version__, kernels.KERNEL_VERSION, rows))
     failed = [(r, v) for r in rows for v in violations(r)]
     for r, v in failed:
         print(f"over the limits: {r['direction']} {r['tile']} x {r['warps']} {r['shapes'][0]}: {v}")
