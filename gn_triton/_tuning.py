@@ -55,12 +55,40 @@ def _tile(p: Problem, groups: int, elems: int, split: int) -> tuple[int, int]:
             divisor = channels & -channels
             block_c = min(128, divisor) if divisor >= 32 else 128
         return block_c, min(positions, max(1, elems // block_c))
+    return _nchw_tile(p, channels, positions, elems, split)
+
+
+def _nchw_tile(p: Problem, channels: int, positions: int, elems: int, split: int) -> tuple[int, int]:
+    """NCHW: of the tiles of elems/2 to elems elements (128-bit loads at the plan's warps), the one
+    whose lanes hold data most often (rows past the block's channels and columns past a span's end
+    are masked, yet issue their instructions), then the largest; the longest rows of `elems` when
+    none is that large (short rows)."""
+    best, best_key = None, None
     block_s = min(positions, elems)
-    return min(triton.next_power_of_2(channels), max(1, elems // block_s)), block_s
+    while block_s >= 16:
+        span = triton.cdiv(triton.cdiv(p.S, split), block_s) * block_s
+        spans = triton.cdiv(p.S, span)
+        columns = (spans - 1) * span + triton.cdiv(p.S - (spans - 1) * span, block_s) * block_s
+        block_c = min(triton.next_power_of_2(channels), elems // block_s)
+        while block_c >= 1 and block_c * block_s >= elems // 2:
+            valid = channels * p.S / (triton.cdiv(channels, block_c) * block_c * columns)
+            key = (round(valid * 20), block_c * block_s, block_s)  # valid share in steps of 5%
+            if best_key is None or key > best_key:
+                best, best_key = (block_c, block_s), key
+            block_c //= 2
+        block_s //= 2
+    if best is None:
+        block_s = min(positions, elems)
+        best = (min(triton.next_power_of_2(channels), max(1, elems // block_s)), block_s)
+    return best
 
 
 def _make_plan(p: Problem, split: int, groups: int, elems: int, num_warps: int, wave_blocks: int) -> Plan:
     block_c, block_s = _tile(p, groups, elems, split)
+    if not p.channels_last and block_s >= 256:
+        # A smaller NCHW tile (no masked rows) keeps the elements per thread when its rows are long;
+        # shorter rows keep the warps (fewer rows per thread: perf.static_report --loops counts less).
+        num_warps = max(1, min(num_warps, num_warps * block_c * block_s // elems))
     return Plan(split, groups, block_c, block_s, num_warps, wave_blocks).fit(p)
 
 

@@ -14,8 +14,10 @@ Numerics: every load is upcast to ACC (fp32, or fp64 for fp64 input). Statistics
 `x - pilot`, where `pilot` is the first element of the group: for data with a large common offset,
 `x - pilot` is exact and small, so the mean of the row is carried as an fp32 pair `mean_hi + mean_lo`
 and the normalisation `(x - mean_hi) - mean_lo` loses nothing to the
-quantisation of a large fp32 mean. Tiles are reduced exactly (two passes over registers) and merged
-with Chan's parallel update, never as E[x^2] - E[x]^2.
+quantisation of a large fp32 mean. Main loops accumulate per lane (each thread sums its own elements,
+no reduction, barrier or shuffle inside a loop over elements) and reduce once after the loop; the
+statistics sum `x - shift` with a shift inside the data (shifted_stats), and the split paths' partials
+are merged with Chan's parallel update, never as E[x^2] - E[x]^2.
 
 Kernel arguments: a name means the same in every kernel.
   X, DY           (N, C, S) input and output gradient; Y, DX: outputs in X's dtype and layout
@@ -134,42 +136,71 @@ def load_pilot(x_sample, c_begin, c_end, Cg, C, S, R: tl.constexpr, LAYOUT: tl.c
 
 
 @triton.jit
+def group_channels(c_begin, c_end, Cg, R: tl.constexpr):
+    """The first channel of each of the R groups of a block [R], and how many of its channels lie in
+    [c_begin, c_end) (Cg, or 0 for padding groups past G)."""
+    first = c_begin + tl.arange(0, R) * Cg
+    return first, tl.minimum(tl.maximum(c_end - first, 0), Cg)
+
+
+@triton.jit
 def shifted_stats(
     x_sample, pilot, c_begin, c_end, s_begin, s_end, C, S, Cg,
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Count, mean and M2 (sum of squared deviations) of `x - pilot` for each of R groups.
 
-    Covers channels [c_begin, c_end) and positions [s_begin, s_end) of one sample. Each tile is
-    reduced exactly (mean, then squared deviations from it) and folded into the running values
-    with Chan's update, so the result does not depend on cancellation between large sums.
+    Covers channels [c_begin, c_end) and positions [s_begin, s_end) of one sample. Every lane keeps
+    running sums of its own elements' e = x - shift and e^2 (no reduction, barrier or shuffle in the
+    loop); the lanes are summed once after it, and M2 = sum(e^2) - sum(e)^2/count. The shift is the
+    group's pilot plus the mean of `x - pilot` over the first BLOCK_S positions of the group's first
+    channel, so it lies within the data: the cancellation in M2 is at most 1 + count/(those positions),
+    whereas the pilot alone (e.g. an outlier first element) can be arbitrarily far from the mean.
     """
-    count = tl.zeros([R], ACC)
-    mean = tl.zeros([R], ACC)
-    m2 = tl.zeros([R], ACC)
+    first, channels = group_channels(c_begin, c_end, Cg, R)
+    s = s_begin + tl.arange(0, BLOCK_S)
+    head_mask = (channels > 0)[:, None] & (s < s_end)[None, :]
+    head = tl.load(x_sample + tile_offsets(first, s, C, S, LAYOUT), mask=head_mask, other=0.0).to(ACC)
+    head_count = tl.minimum(s_end - s_begin, BLOCK_S).to(ACC)
+    shift = pilot + tl.sum(tl.where(head_mask, head - pilot[:, None], 0.0), axis=1) / head_count
+    total_e = tl.zeros([R], ACC)
+    total_e2 = tl.zeros([R], ACC)
+    sum_e = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    sum_e2 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    s_full = s_begin + (s_end - s_begin) // BLOCK_S * BLOCK_S  # the end of the span's whole tiles
     for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         member = group_membership(c, c_begin, c_end, Cg, R)
+        shift_c = to_channels(member, shift)
         c_mask = c < c_end
-        pilot_c = to_channels(member, pilot)
-        channels_per_group = tl.sum(member.to(ACC), axis=1)
-        for s0 in range(s_begin, s_end, BLOCK_S):
+        row_mask = c_mask[:, None] & (tl.arange(0, BLOCK_S) >= 0)[None, :]
+        # Whole tiles first (rows past c_end load 0 and shift_c is 0 there: they add 0), then the
+        # span's last, partial tile, where masked positions are zeroed.
+        for s0 in range(s_begin, s_full, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
+            x = tl.load(x_sample + tile_offsets(c, s, C, S, LAYOUT), mask=row_mask, other=0.0)
+            e = x.to(ACC) - shift_c[:, None]
+            sum_e += e
+            sum_e2 += e * e
+        if s_full < s_end:
+            s = s_full + tl.arange(0, BLOCK_S)
             mask = c_mask[:, None] & (s < s_end)[None, :]
             x = tl.load(x_sample + tile_offsets(c, s, C, S, LAYOUT), mask=mask, other=0.0)
-            d = tl.where(mask, x.to(ACC) - pilot_c[:, None], 0.0)
-            tile_count = channels_per_group * tl.minimum(s_end - s0, BLOCK_S).to(ACC)
-            tile_mean = to_groups(member, tl.sum(d, axis=1)) / tl.maximum(tile_count, 1.0)
-            dev = tl.where(mask, d - to_channels(member, tile_mean)[:, None], 0.0)
-            tile_m2 = to_groups(member, tl.sum(dev * dev, axis=1))
-            # Chan et al.: merge (count, mean, m2) with the tile's (tile_count, tile_mean, tile_m2).
-            new_count = count + tile_count
-            delta = tile_mean - mean
-            weight = tile_count / tl.maximum(new_count, 1.0)
-            mean += delta * weight
-            m2 += tile_m2 + delta * delta * count * weight
-            count = new_count
-    return count, mean, m2
+            e = tl.where(mask, x.to(ACC) - shift_c[:, None], 0.0)
+            sum_e += e
+            sum_e2 += e * e
+        if R > 1:  # a lane's row holds another group's channel in the next channel block: fold now
+            total_e += to_groups(member, tl.sum(sum_e, axis=1))
+            total_e2 += to_groups(member, tl.sum(sum_e2, axis=1))
+            sum_e = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+            sum_e2 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    if R == 1:  # every row of every channel block is the one group's: fold once
+        total_e += tl.sum(tl.sum(sum_e, axis=1), axis=0)
+        total_e2 += tl.sum(tl.sum(sum_e2, axis=1), axis=0)
+    count = channels.to(ACC) * (s_end - s_begin).to(ACC)  # in ACC: a group may hold 2^31 elements or more
+    mean_e = total_e / tl.maximum(count, 1.0)
+    m2 = total_e2 - total_e * mean_e
+    return count, (shift - pilot) + mean_e, tl.where(m2 < 0.0, 0.0, m2)
 
 
 @triton.jit
@@ -254,6 +285,21 @@ def effective_weight(c, c_mask, W, Scale_n, EPILOGUE: tl.constexpr, ACC: tl.cons
 
 
 @triton.jit
+def elementwise(x_sample, dy_sample, offs, mask, a, b, hi, kx, k1, EPILOGUE: tl.constexpr, ACC: tl.constexpr,
+                BACKWARD: tl.constexpr):  # fmt: skip
+    """One tile of write_span: y, or dx (kx, k1: the channels' coef_x, coef_1)."""
+    if BACKWARD:
+        xc = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC) - hi[:, None]
+        dz = tl.load(dy_sample + offs, mask=mask, other=0.0).to(ACC)
+        if EPILOGUE.ACTIVATION != 0:
+            dz *= activation_grad(xc * a[:, None] + b[:, None], EPILOGUE.ACTIVATION)
+        return a[:, None] * dz + (kx[:, None] * xc + k1[:, None])  # two FMAs
+    else:
+        x = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC)
+        return activation((x - hi[:, None]) * a[:, None] + b[:, None], EPILOGUE.ACTIVATION)
+
+
+@triton.jit
 def write_span(
     x_sample, out_sample, W, B, Scale_n, Shift_n, mean_hi, mean_lo, rstd, c_begin, c_end, s_begin, s_end,
     C, S, Cg, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, EPILOGUE: tl.constexpr,
@@ -262,29 +308,41 @@ def write_span(
     """The elementwise pass over a span, with the folded affine's per-channel a, b (channel_affine):
     forward:  y = act((x - mean_hi)*a + b)   (one subtract and one FMA per element);
     backward: dx = a*dz + coef_x*(x - mean_hi) + coef_1 with dz = dy, or dy*act'(z) (dx_coefficients)."""
+    s_full = s_begin + (s_end - s_begin) // BLOCK_S * BLOCK_S  # the end of the span's whole tiles
     for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         member = group_membership(c, c_begin, c_end, Cg, R)
         c_mask = c < c_end
         a, b = channel_affine(member, c, c_mask, W, B, Scale_n, Shift_n, mean_lo, rstd, EPILOGUE, ACC)
         hi = to_channels(member, mean_hi)
+        kx = hi  # placeholders in the forward
+        k1 = hi
         if BACKWARD:
             kx = to_channels(member, coef_x)
             k1 = to_channels(member, coef_1)
-        for s0 in range(s_begin, s_end, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
+        row_mask = c_mask[:, None] & (tl.arange(0, BLOCK_S) >= 0)[None, :]
+        for s0 in range(s_begin, s_full, BLOCK_S):  # whole tiles, then the span's last, partial one
+            offs = tile_offsets(c, s0 + tl.arange(0, BLOCK_S), C, S, LAYOUT)
+            out = elementwise(x_sample, dy_sample, offs, row_mask, a, b, hi, kx, k1, EPILOGUE, ACC, BACKWARD)
+            tl.store(out_sample + offs, out.to(out_sample.dtype.element_ty), mask=row_mask)
+        if s_full < s_end:
+            s = s_full + tl.arange(0, BLOCK_S)
             mask = c_mask[:, None] & (s < s_end)[None, :]
             offs = tile_offsets(c, s, C, S, LAYOUT)
-            if BACKWARD:
-                xc = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC) - hi[:, None]
-                dz = tl.load(dy_sample + offs, mask=mask, other=0.0).to(ACC)
-                if EPILOGUE.ACTIVATION != 0:
-                    dz *= activation_grad(xc * a[:, None] + b[:, None], EPILOGUE.ACTIVATION)
-                out = a[:, None] * dz + kx[:, None] * xc + k1[:, None]
-            else:
-                x = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC)
-                out = activation((x - hi[:, None]) * a[:, None] + b[:, None], EPILOGUE.ACTIVATION)
+            out = elementwise(x_sample, dy_sample, offs, mask, a, b, hi, kx, k1, EPILOGUE, ACC, BACKWARD)
             tl.store(out_sample + offs, out.to(out_sample.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grad_terms(x_sample, dy_sample, offs, mask, mean_hi_c, a_c, b_c, ACTIVATION: tl.constexpr, ACC: tl.constexpr):
+    """dz and dz*(x - mean_hi) of one tile (channel_grad_sums). Masked lanes give 0: dz is 0 there and
+    x - mean_hi finite (or the channel's statistics, and so its sums, are not finite anyway)."""
+    x = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC)
+    dz = tl.load(dy_sample + offs, mask=mask, other=0.0).to(ACC)
+    xc = x - mean_hi_c[:, None]
+    if ACTIVATION != 0:
+        dz *= activation_grad(xc * a_c[:, None] + b_c[:, None], ACTIVATION)
+    return dz, dz * xc
 
 
 @triton.jit
@@ -296,23 +354,27 @@ def channel_grad_sums(
     (dz_sum, dz_xc_sum): dz is the gradient at the affine's output z, dy or dy*act'(z) with a fused
     activation (z = (x - mean_hi)*a_c + b_c recomputed, never stored)."""
     c_mask = c < c_end
-    dz_sum = tl.zeros([BLOCK_C], ACC)
-    dz_xc_sum = tl.zeros([BLOCK_C], ACC)
-    for s0 in range(s_begin, s_end, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = c_mask[:, None] & (s < s_end)[None, :]
+    # Each lane sums its own elements; the lanes of a channel are summed once, after the loop.
+    dz_acc = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    dz_xc_acc = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    s_full = s_begin + (s_end - s_begin) // BLOCK_S * BLOCK_S  # the end of the span's whole tiles
+    row_mask = c_mask[:, None] & (tl.arange(0, BLOCK_S) >= 0)[None, :]
+    for s0 in range(s_begin, s_full, BLOCK_S):  # whole tiles, then the span's last, partial one
+        offs = tile_offsets(c, s0 + tl.arange(0, BLOCK_S), C, S, LAYOUT)
+        dz, dz_xc = grad_terms(x_sample, dy_sample, offs, row_mask, mean_hi_c, a_c, b_c, ACTIVATION, ACC)
+        dz_acc += dz
+        dz_xc_acc += dz_xc
+    if s_full < s_end:
+        s = s_full + tl.arange(0, BLOCK_S)
         offs = tile_offsets(c, s, C, S, LAYOUT)
-        x = tl.load(x_sample + offs, mask=mask, other=0.0).to(ACC)
-        dz = tl.load(dy_sample + offs, mask=mask, other=0.0).to(ACC)
-        xc = tl.where(mask, x - mean_hi_c[:, None], 0.0)
-        if ACTIVATION != 0:
-            dz *= activation_grad(xc * a_c[:, None] + b_c[:, None], ACTIVATION)
-        dz_sum += tl.sum(dz, axis=1)
-        dz_xc_sum += tl.sum(dz * xc, axis=1)
-    # The loop's results go through one op each (a no-op: masked channels sum to 0) before any use:
-    # triton 3.6's OptimizeThreadLocality pass, which rewrites `dz_sum`'s reduction of a raw load,
-    # asserts that the loop result has a single user, and the fused backward both stores and weights it.
-    return tl.where(c_mask, dz_sum, 0.0), tl.where(c_mask, dz_xc_sum, 0.0)
+        mask = c_mask[:, None] & (s < s_end)[None, :]
+        dz, dz_xc = grad_terms(x_sample, dy_sample, offs, mask, mean_hi_c, a_c, b_c, ACTIVATION, ACC)
+        dz_acc += dz
+        dz_xc_acc += dz_xc
+    # The sums go through one op each (a no-op: masked channels sum to 0) before any use: triton 3.6's
+    # OptimizeThreadLocality pass asserts that a reduced loop result has a single user, and the fused
+    # backward both stores and weights them.
+    return tl.where(c_mask, tl.sum(dz_acc, axis=1), 0.0), tl.where(c_mask, tl.sum(dz_xc_acc, axis=1), 0.0)
 
 
 @triton.jit

@@ -128,7 +128,7 @@ def run_columns(device: str, device_name: str, copy_gbps: float, stage: str) -> 
     return dict(run_id=now, stage=stage, run_kind="gpu-performance" if device == "cuda" else "cpu-functional",
                 device=device_name, sm_count=sms, copy_gbps=round(copy_gbps, 1), torch=torch.__version__,
                 triton=triton.__version__, gn_triton=gn_triton.__version__, commit=git_commit(),
-                timestamp=now)  # fmt: skip
+                kernel_version=gn_triton.kernels.KERNEL_VERSION, timestamp=now)  # fmt: skip
 
 
 def reference_check(provider, x, G, w, b, dy, mode, activation=None) -> float:

@@ -32,6 +32,7 @@ class Row:
     triton: str = ""
     gn_triton: str = ""
     commit: str = ""
+    kernel_version: str = ""  # gn_triton.kernels.KERNEL_VERSION: the kernels' source hash the row measured
     timestamp: str = ""
     # the point
     activation: str = "none"

@@ -5,6 +5,7 @@
     make static-report TRITON_SPEC=triton==3.6.0 STATIC_ARGS=--quick   # under another triton
     python -m perf.static_report --quick --compare before.json   # a refactor: same code, variant by variant
     python -m perf.static_report --quick --target gfx942,gfx950   # AMD Instinct (perf/amd_report.py)
+    python -m perf.static_report --loops    # instructions per element of every main loop (perf/loop_report.py)
 
 For each kernel and config it compiles a cubin for sm_80 and sm_90 with the same divisibility-by-16
 specialisation the runtime applies to aligned pointers and sizes, and reads with the cuobjdump that
@@ -282,7 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--compare", type=Path, help="a report's JSON (--json) to compare variant by variant")
     parser.add_argument("--target", default=TARGETS, help=f"comma-separated: sm80, sm90, gfx942, gfx950 ({TARGETS})")
+    parser.add_argument("--loops", action="store_true", help="the main loops' cost per element (perf/loop_report.py)")
+    parser.add_argument("--loops-compare", type=Path, help="with --loops: a loop report's JSON to show beside")
     args = parser.parse_args(argv)
+    if args.loops:
+        from perf import loop_report
+
+        return loop_report.main(args.jobs, args.json, args.loops_compare)
     rows = run(args.quick, args.jobs, args.target)
     print("\n".join(launches_per_call()))
     header = f"{'kernel':32} {'dtype':5} {'layout':6} {'arch':6} {'warps':>5} {'tile':>9} {'regs':>4} "

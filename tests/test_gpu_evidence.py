@@ -15,7 +15,6 @@ from gn_testing import python_without_interpreter
 from perf import gpu_evidence, ingest
 from perf.evidence import correctness, traffic
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGE_NAMES = [s.name for s in gpu_evidence.STAGES]
 
 rehearsal = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the rehearsal is the CPU mode")

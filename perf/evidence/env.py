@@ -21,7 +21,8 @@ def stage_env(job: Job, ctx: Context, clock: Clock) -> str:
     import gn_triton
 
     env = dict(python=sys.version.split()[0], torch=torch.__version__, triton=triton.__version__,
-               gn_triton=gn_triton.__version__, commit=git_commit(), platform=platform.platform(),
+               gn_triton=gn_triton.__version__, commit=git_commit(), kernel_version=gn_triton.kernels.KERNEL_VERSION,
+               platform=platform.platform(),
                cpu_count=os.cpu_count(), device=ctx.device)  # fmt: skip
     if ctx.device == "cuda":
         props = torch.cuda.get_device_properties(0)
