@@ -2,6 +2,9 @@
 over torch's own ops (F.group_norm, then the epilogue in torch ops) in float64; second derivatives
 raise. Tiny shapes: every transform runs the kernels (in the interpreter on a CPU)."""
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -59,12 +62,27 @@ def over_present(f, args):
     return g, tuple(args[i] for i in present)
 
 
-@pytest.mark.parametrize("name", EPILOGUES)
-def test_grad_vjp_and_jacrev(name, device):
+class Transformed(NamedTuple):
+    """gn_triton's and torch's group_norm of one epilogue as functions of its present arguments."""
+
+    activation: str | None
+    args: tuple  # (x, w, b, scale, shift), None where absent
+    ours: Callable
+    theirs: Callable
+    values: tuple  # the present arguments
+    argnums: tuple  # every present argument's index
+
+
+def both_over_present(name, device) -> Transformed:
     activation, args = problem(name, device)
     (ours, values), (theirs, _) = (over_present(f, args) for f in both(activation))
-    argnums = tuple(range(len(values)))
-    dy = torch.randn_like(args[0])
+    return Transformed(activation, args, ours, theirs, values, tuple(range(len(values))))
+
+
+@pytest.mark.parametrize("name", EPILOGUES)
+def test_grad_vjp_and_jacrev(name, device):
+    _, _, ours, theirs, values, argnums = both_over_present(name, device)
+    dy = torch.randn_like(values[0])
     loss = lambda f: lambda *a: (f(*a) * dy).sum()
     assert_trees_close(grad(loss(ours), argnums)(*values), grad(loss(theirs), argnums)(*values))
     (y, pull), (y_t, pull_t) = vjp(ours, *values), vjp(theirs, *values)
@@ -77,11 +95,9 @@ def test_grad_vjp_and_jacrev(name, device):
 @pytest.mark.parametrize("name", EPILOGUES)
 def test_forward_mode(name, device):
     """jvp, jacfwd and torch.autograd.forward_ad: tangents of every input at once."""
-    activation, args = problem(name, device)
-    (ours, values), (theirs, _) = (over_present(f, args) for f in both(activation))
+    activation, args, ours, theirs, values, argnums = both_over_present(name, device)
     tangents = tuple(torch.randn_like(v) for v in values)
     assert_trees_close(jvp(ours, values, tangents), jvp(theirs, values, tangents))
-    argnums = tuple(range(len(values)))
     assert_trees_close(jacfwd(ours, argnums)(*values), jacfwd(theirs, argnums)(*values))
     tangents = tuple(None if a is None else torch.randn_like(a) for a in args)
     results = []
