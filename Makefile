@@ -37,7 +37,7 @@ define new_venv
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q "$(2)"
 	$(1)/bin/python -m pip install -q "$(3)"
-	$(1)/bin/python -c "import torch, triton; print('$(1):', 'torch', torch.__version__, 'triton', triton.__version__)"
+	$(1)/bin/python -c "from importlib.metadata import version as v; print('$(1): torch', v('torch'), 'triton', v('triton'))"
 endef
 
 $(VENV)/.stack:
