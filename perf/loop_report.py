@@ -136,8 +136,9 @@ def valid_share(p: Problem, plan: Plan) -> float:
     return channels * p.S / (rows * columns)
 
 
-def plan_specs(dtype: str, channels_last: bool, plan: Plan, aligned: bool, direction: str) -> list[Spec]:
-    return [s for s in static_report._specs_for_plan(dtype, channels_last, plan, aligned) if direction in s.kernel]
+def plan_specs(p: Problem, plan: Plan, aligned: bool, direction: str) -> list[Spec]:
+    """The element-loop kernels `plan` launches for `p` in `direction` (the launch table's)."""
+    return [s for s in static_report._specs_for_plan(p, plan, aligned, direction) if s.kernel in ELEMENT_LOOPS]
 
 
 def suite_plans() -> list[dict]:
@@ -158,7 +159,7 @@ def suite_plans() -> list[dict]:
                             share = round(valid_share(p, plan), 4)
                             key = (direction, dtype, channels_last, plan, aligned, share)
                             new = dict(direction=direction, dtype=dtype, channels_last=channels_last, plan=plan,
-                                       aligned=aligned, valid_share=share, shapes=[])  # fmt: skip
+                                       aligned=aligned, valid_share=share, shapes=[], problem=p)  # fmt: skip
                             entry = entries.setdefault(key, new)
                             entry["shapes"].append(f"{N}x{shape.label}")
     return list(entries.values())
@@ -172,8 +173,7 @@ def run(jobs: int, entries: list[dict] | None = None) -> list[dict]:
     """One row per suite_plans entry: each kernel's element loops, and the direction's total per valid
     element against the H100 and H200 budgets."""
     entries = suite_plans() if entries is None else entries
-    specs = {s: None for e in entries for s in plan_specs(e["dtype"], e["channels_last"], e["plan"], e["aligned"],
-                                                          e["direction"])}  # fmt: skip
+    specs = {s: None for e in entries for s in plan_specs(e["problem"], e["plan"], e["aligned"], e["direction"])}
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         compiled = dict(pool.map(_kernel_loops, specs))
     rows = []
@@ -184,7 +184,7 @@ def run(jobs: int, entries: list[dict] | None = None) -> list[dict]:
                    tile=f"{plan.block_c}x{plan.block_s}", warps=plan.num_warps,
                    masked=round(1 - e["valid_share"], 4), shapes=e["shapes"], kernels={})  # fmt: skip
         total, errors = 0.0, []
-        for spec in plan_specs(e["dtype"], e["channels_last"], plan, e["aligned"], e["direction"]):
+        for spec in plan_specs(e["problem"], plan, e["aligned"], e["direction"]):
             loops = compiled[spec]
             row["kernels"][spec.kernel] = loops
             if "error" in loops:

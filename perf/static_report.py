@@ -34,7 +34,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from gn_triton import _cost, _plan, _tuning, kernels
+from gn_triton import _cost, _tuning, kernels
+from gn_triton._launches import plan_launches
 from gn_triton._tuning import Plan, Problem
 
 from . import amd_report
@@ -66,28 +67,23 @@ class Spec:
     aligned: bool  # C and S multiples of 16: the runtime then specialises them as divisible by 16
 
 
-def _specs_for_plan(
-    dtype: str, channels_last: bool, plan: Plan, aligned: bool, activation: int = 0, modulated: bool = False
-) -> list[Spec]:
-    base = dict(CHANNELS_LAST=channels_last, INDEX_64=False, R=plan.groups_per_program, BLOCK_C=plan.block_c,
-                BLOCK_S=plan.block_s)  # fmt: skip
-    affine = dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_SCALE=modulated, HAS_SHIFT=modulated, ACTIVATION=activation)
-    specs = []
-
-    def add(name: str, **constexprs):
-        items = tuple(sorted({**base, **constexprs}.items()))
-        specs.append(Spec(name, dtype, channels_last, items, plan.num_warps, aligned))
-
-    if plan.split == 1:
-        add("_gn_fwd_fused_kernel", **affine)
-        add("_gn_bwd_fused_kernel", NEEDS_DX=True, NEEDS_PARTIALS=True, **affine)
-    else:
-        block_spans = _plan.merge_step(plan.split)  # the spans a plan asks for (the launch: those that fit S)
-        add("_gn_fwd_partial_stats_kernel")
-        add("_gn_fwd_split_apply_kernel", BLOCK_SPANS=block_spans, **affine)
-        add("_gn_bwd_partial_sums_kernel", **affine)
-        add("_gn_bwd_split_dx_kernel", BLOCK_SPANS=block_spans, **affine)
-    return specs
+def _specs_for_plan(p: Problem, plan: Plan, aligned: bool, direction: str | None = None) -> list[Spec]:
+    """The kernels `plan` launches for `p` (both directions, every gradient; or `direction`'s), as the
+    launch table lists them, each with its constexprs flat (the Epilogue/Layout bundles' fields) and
+    its warps: what the runtime would compile."""
+    dtype = next(name for name, t in DTYPES.items() if t == p.dtype)
+    specs = {}
+    for d in (direction,) if direction else ("fwd", "bwd"):
+        for launch in plan_launches(d, p, plan):
+            flat = {}
+            for name, value in launch.constexprs.items():
+                if name in ("num_warps", "ACC"):  # the spec's warps; ACC follows the dtype (_signature)
+                    continue
+                flat.update(value._asdict() if isinstance(value, tuple) else {name: value})
+            items = tuple(sorted(flat.items()))
+            warps = launch.constexprs.get("num_warps", 4)  # the runtime's default where a launch gives none
+            specs[Spec(launch.kernel, dtype, p.channels_last, items, warps, aligned)] = None
+    return list(specs)
 
 
 def _tile_elems(spec: Spec) -> tuple[int, int]:
@@ -110,18 +106,18 @@ def all_specs(quick: bool, device: _cost.DeviceModel | None = None) -> list[Spec
     heuristic: dict[Spec, None] = {}
     candidates: dict[Spec, None] = {}
     largest: dict[tuple, Spec] = {}
-    for dtype, torch_dtype in DTYPES.items():
+    for torch_dtype in DTYPES.values():
         for channels_last in (False, True):
             for N, C, S, G in SUITE:
                 p = Problem(N, C, S, G, torch_dtype, channels_last, True, True)
                 aligned = C % 16 == 0 and S % 16 == 0
                 for direction in ("fwd", "bwd"):
                     plan = _tuning.heuristic_plan(direction, p, device)
-                    heuristic.update(dict.fromkeys(_specs_for_plan(dtype, channels_last, plan, aligned)))
+                    heuristic.update(dict.fromkeys(_specs_for_plan(p, plan, aligned)))
                     for plan in _tuning.candidate_plans(direction, p, device):
-                        candidates.update(dict.fromkeys(_specs_for_plan(dtype, channels_last, plan, aligned)))
+                        candidates.update(dict.fromkeys(_specs_for_plan(p, plan, aligned)))
                     for plan in _tuning.plan_space(direction, p, device):
-                        for spec in _specs_for_plan(dtype, channels_last, plan, aligned):
+                        for spec in _specs_for_plan(p, plan, aligned):
                             key = (spec.kernel, spec.dtype, spec.channels_last)
                             if key not in largest or _tile_elems(spec) > _tile_elems(largest[key]):
                                 largest[key] = spec
@@ -138,10 +134,13 @@ def all_specs(quick: bool, device: _cost.DeviceModel | None = None) -> list[Spec
     p = Problem(*SUITE[0], torch.float16, False, True, True)
     for direction in ("fwd", "bwd"):
         plan = _tuning.heuristic_plan(direction, p, device)
-        for spec in _specs_for_plan("fp16", False, plan, True):
-            specs[_with(spec, INDEX_64=True)] = None
+        for spec in _specs_for_plan(p, plan, True):
+            if "INDEX_64" in dict(spec.constexprs):  # the kernels that address x (not the parameter reductions)
+                specs[_with(spec, INDEX_64=True)] = None
         for activation in (1, 2, 3):  # the fused SiLU / GELU / GELU-tanh epilogues, with scale-shift
-            specs.update(dict.fromkeys(_specs_for_plan("bf16", False, plan, True, activation, activation == 1)))
+            epilogue = dataclasses.replace(p, dtype=torch.bfloat16, activation=activation, has_scale=activation == 1,
+                                           has_shift=activation == 1)  # fmt: skip
+            specs.update(dict.fromkeys(_specs_for_plan(epilogue, plan, True)))
     # The small parameter-gradient kernels, in each parameter dtype (fp64 statistics for fp64).
     for dtype in TL_DTYPES:
         dparams = dict(BLOCK_N=16, BLOCK_C=128, HAS_SCALE=True, NEEDS_DW=True, NEEDS_DB=True)
