@@ -10,13 +10,15 @@ import os
 
 import torch
 
+from . import _activations
+
 # Read once at import (no device is touched): Triton decides at decoration time whether the kernels
 # are compiled or interpreted, so this cannot change later in the process.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Fused activations by name, as the kernels' ACTIVATION constexpr.
-ACTIVATIONS = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
+ACTIVATIONS = {None: 0} | {name: a.number for name, a in _activations.ACTIVATIONS.items()}
 
 
 def runs_on_kernels(x: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ import torch
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-from . import _ops
+from . import _activations, _ops
 
 
 def _backward(ctx, grad_out, backward_op=_ops.group_norm_bwd):
@@ -45,14 +45,6 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(input, weight, bias, scale, shift, mean, mean_lo, rstd)
     ctx.num_groups = num_groups
     ctx.activation = activation
-
-
-_ACTIVATION_JVPS = {
-    # aten's silu_backward has no derivative of its own: written out, so that reverse over forward works
-    "silu": lambda dz, z: dz * torch.sigmoid(z) * (1 + z * (1 - torch.sigmoid(z))),
-    "gelu": lambda dz, z: torch.ops.aten.gelu_backward(dz, z),
-    "gelu_tanh": lambda dz, z: torch.ops.aten.gelu_backward(dz, z, approximate="tanh"),
-}
 
 
 def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -96,7 +88,7 @@ def _tangent(saved, num_groups: int, eps: float, activation, tangents, out_dtype
     if activation is not None:
         z = u if scale is None else u * (1 + sample(scale))
         z = z if shift is None else z + sample(shift)
-        z_dot = _ACTIVATION_JVPS[activation](z_dot, z)
+        z_dot = _activations.ACTIVATIONS[activation].tangent(z_dot, z)
     return z_dot.to(out_dtype)
 
 

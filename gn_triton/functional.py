@@ -5,15 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _checks, _ops
+from . import _activations, _checks, _ops
 from .autograd import GroupNormFunction
 
 # torch's own form of each fused activation (the CPU fallback; also what peers are timed with).
-TORCH_ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
-}
+TORCH_ACTIVATIONS = {name: a.torch for name, a in _activations.ACTIVATIONS.items()}
 
 
 def group_norm(

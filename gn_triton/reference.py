@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from ._activations import ACTIVATIONS
+
 # Tolerances of gn_triton's results against this reference, relative to max(1, max|reference|).
 # 16-bit dtypes are judged against torch's own error at that dtype (2x it), plus this floor.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -46,15 +48,7 @@ def group_norm_reference(
         y = y * (1 + scale.double().reshape(sample_shape))
     if shift is not None:
         y = y + shift.double().reshape(sample_shape)
-    if activation == "silu":
-        y = y / (1 + torch.exp(-y))
-    elif activation == "gelu":
-        y = 0.5 * y * (1 + torch.erf(y / 2**0.5))
-    elif activation == "gelu_tanh":
-        y = 0.5 * y * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (y + 0.044715 * y**3)))
-    else:
-        assert activation is None, activation
-    return y
+    return y if activation is None else ACTIVATIONS[activation].reference(y)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

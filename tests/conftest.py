@@ -48,10 +48,12 @@ SLOW_FAMILIES = {
     "tests/test_compile_fusion.py": "tests/test_compile_fusion.py::test_unconverted_sequential_calls_gn_triton",
     "tests/test_models.py::test_ddp": "tests/test_models.py::test_ddp",
 }
-# The newest-triton stack's subset: API, module, autograd, compile, and every kernel on one path each.
+# The newest-triton stack's subset: API, module, autograd, compile, every kernel on one path each, and
+# the AMD compile check.
 STACK_SUBSET = (
     "tests/test_api.py",
     "tests/test_launch_path.py",
+    "tests/test_amd.py",
     "tests/test_models.py",
     "tests/test_compile_fusion.py",
     "tests/test_correctness.py::test_paths[nchw-",
