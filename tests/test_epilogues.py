@@ -76,7 +76,7 @@ def test_scale_shift_matches_reference(activation, path, modulation, affine, dev
 
 def test_scale_shift_bf16_channels_last(device):
     """bf16 activations with fp32 modulation (the usual mix in diffusion models), NHWC: dscale and
-    dshift come back fp32, and the 16-bit rule is against torch's ops on the same mix."""
+    dshift are fp32, and the 16-bit rule is against torch's ops on the same mix."""
     x = make_input((2, 8, 4, 6), torch.bfloat16, device, layout="channels_last")
     w, b = make_params(8, torch.float32, device)
     scale, shift = make_modulation(2, 8, torch.float32, device)
