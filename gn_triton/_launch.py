@@ -103,7 +103,7 @@ def _run(launches: list[Launch], arguments: dict) -> None:
 def _launch_fwd(x, y, affine: Affine, mean, mean_lo, rstd, eps, p: Problem, plan: Plan) -> None:
     w, b, scale, shift = affine.pointers(x)
     sizes, eps_pair = (p.C, p.S, p.G, p.Cg), _eps_pair(eps)
-    span, spans = plan.span(p.S)
+    span, spans = plan.span(p.S)  # one span (spans = 1) on the fused path
     partials = torch.empty((p.rows, spans, 3), dtype=mean.dtype, device=x.device) if plan.split > 1 else None
     _run(plan_launches("fwd", p, plan), {
         "_gn_fwd_fused_kernel": lambda _: (x, y, w, b, scale, shift, mean, mean_lo, rstd, *sizes, *eps_pair),
@@ -152,7 +152,7 @@ def _launch_bwd(dy, x, affine: Affine, mean, mean_lo, rstd, grads, p: Problem, p
     needs = tuple(g.numel() > 0 for g in grads)
     w, b, scale, shift = affine.pointers(x)
     sizes, stats = (p.C, p.S, p.G, p.Cg), (mean, mean_lo, rstd)
-    span, spans = plan.span(p.S) if plan.split > 1 else (p.S, 1)
+    span, spans = plan.span(p.S)  # one span (spans = 1) on the fused path
     # Per-(n, c) sums of dz and dz*(x - mean) per span: the split dx's and the parameter gradients' input.
     needs_partials = plan.split > 1 or any(needs[1:])
     partials = torch.empty((p.N, p.C, spans, 2), dtype=mean.dtype, device=x.device) if needs_partials else x

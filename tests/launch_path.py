@@ -188,9 +188,9 @@ def main() -> None:
     check_harness_refuses()
     FakeCudaDriver.launches.clear()
     launched = run_gn_triton()
-    from gn_triton import kernels
+    from gn_triton import _launch
 
-    missing = {name for name in kernels.__all__ if name.endswith("_kernel")} - set(launched)
+    missing = set(_launch.KERNELS) - set(launched)
     for name, count in sorted(launched.items()):
         print(f"{name}: {count} launches")
     if missing:
