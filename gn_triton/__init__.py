@@ -7,6 +7,8 @@
     gn_triton.backend_for(x)  # "kernels", "interpreter" or "torch": what a call on x runs
     gn_triton.enable_compile_fusion()  # torch.compile: GroupNorm (+ scale-shift, SiLU/GELU) as gn_triton's op
     gn_triton.enable_eager_override()  # eager: every aten group_norm it supports runs gn_triton's kernels
+    gn_triton.distributed.group_norm(shard, 32, w, b)  # one sample sharded across processes (torch.distributed)
+    gn_triton.stats.group_stats(x, 32)  # statistics as values: take, merge (merge_stats), apply (normalize)
 
 Importing touches no GPU.
 """
@@ -41,6 +43,10 @@ def __getattr__(name: str):
         from . import compile_fusion
 
         return getattr(compile_fusion, name)
+    if name in ("stats", "distributed"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     if name in ("enable_eager_override", "disable_eager_override"):
         from . import eager_override
 

@@ -59,11 +59,17 @@ def output_dtype(input: torch.Tensor) -> torch.dtype:
 
 
 def check_group_norm_args(
-    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    whole: bool = True,
 ) -> None:
     """Raise the exception type torch's group_norm raises for the same bad input, with a message that
     names the argument and its values (docs/drop-in.md has the table). One exception: input that is
-    not a tensor is a TypeError (torch fails on it with an AttributeError)."""
+    not a tensor is a TypeError (torch fails on it with an AttributeError). whole=False: x is a piece
+    of the tensor normalised (gn_triton.stats, a shard), which may hold a single value per group."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"group_norm(): input must be a Tensor, got {type(x).__name__}")
     if isinstance(num_groups, bool) or not isinstance(num_groups, int):
@@ -88,7 +94,7 @@ def check_group_norm_args(
             f"group_norm(): expected number of channels in input to be divisible by num_groups, "
             f"but got input of shape {tuple(x.shape)} and num_groups={num_groups}"
         )
-    if x.numel() and x.shape[0] * (channels // num_groups) * math.prod(x.shape[2:]) == 1:
+    if whole and x.numel() and x.shape[0] * (channels // num_groups) * math.prod(x.shape[2:]) == 1:
         # torch.nn.functional.group_norm refuses this degenerate case too, with the same error.
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
     vector = f"a vector of size equal to the number of channels in input ({channels})"

@@ -62,14 +62,44 @@ def plan_launches(direction: str, p: Problem, plan: Plan, needs: Sequence[bool] 
             out.append(Launch("_gn_bwd_partial_sums_kernel", (count, spans), flags, offset))
             if needs_dx:
                 out.append(Launch("_gn_bwd_split_dx_kernel", (count, spans), dx, offset))
+    return out + _parameter_grad_launches(p, (needs_dw, needs_db, needs_dscale, needs_dshift), flags["ACC"])
+
+
+def _parameter_grad_launches(p: Problem, needs: Sequence[bool], acc) -> list[Launch]:
+    """The reductions of the per-(n, c, span) gradient sums into dweight/dbias and dscale/dshift, each
+    only when one of its gradients is needed (needs: dweight, dbias, dscale, dshift)."""
+    needs_dw, needs_db, needs_dscale, needs_dshift = needs
+    out = []
     block_c = min(triton.next_power_of_2(p.C), 128)
     channel_blocks = triton.cdiv(p.C, block_c)
     if needs_dw or needs_db:
         out.append(Launch("_gn_bwd_dparams_kernel", (channel_blocks,),
                           dict(BLOCK_N=min(triton.next_power_of_2(p.N), 16), BLOCK_C=block_c, HAS_SCALE=p.has_scale,
-                               NEEDS_DW=needs_dw, NEEDS_DB=needs_db, ACC=flags["ACC"])))  # fmt: skip
+                               NEEDS_DW=needs_dw, NEEDS_DB=needs_db, ACC=acc)))  # fmt: skip
     if needs_dscale or needs_dshift:
         out.append(Launch("_gn_bwd_dscale_shift_kernel", (p.N, channel_blocks),
                           dict(BLOCK_C=block_c, HAS_WEIGHT=p.has_weight, HAS_BIAS=p.has_bias,
-                               NEEDS_DSCALE=needs_dscale, NEEDS_DSHIFT=needs_dshift, ACC=flags["ACC"])))  # fmt: skip
+                               NEEDS_DSCALE=needs_dscale, NEEDS_DSHIFT=needs_dshift, ACC=acc)))  # fmt: skip
+    return out
+
+
+# The passes of a call run in parts (gn_triton.stats, gn_triton.distributed), by name: their kernel.
+PARTS = {
+    "stats": "_gn_fwd_partial_stats_kernel",  # per-span statistics of x - pilot
+    "normalize": "_gn_normalize_kernel",  # y with given statistics
+    "grad_sums": "_gn_bwd_partial_sums_kernel",  # per-(n, c, span) gradient sums (then the parameters')
+    "dx": "_gn_dx_kernel",  # dx with given group coefficients
+}
+
+
+def plan_part_launches(part: str, p: Problem, plan: Plan, needs: Sequence[bool] = (False,) * 4) -> list[Launch]:
+    """The launches of one part (a key of PARTS) with `plan` (fitted to p): per wave, its kernel over
+    (blocks of the wave, spans); "grad_sums" then reduces the sums into the parameters' gradients that
+    `needs` asks for (dweight, dbias, dscale, dshift)."""
+    plan = plan.fit(p)
+    flags = dict(plan.meta(), **(p.base_flags() if part == "stats" else p.flags()))
+    spans = plan.span(p.S)[1]
+    out = [Launch(PARTS[part], (count, spans), flags, offset) for offset, count in plan.waves(p)]
+    if part == "grad_sums":
+        out += _parameter_grad_launches(p, needs, flags["ACC"])
     return out

@@ -341,3 +341,11 @@ def _fastest(plans: list[Plan], launch: Callable[[Plan], None]) -> Plan:
     if best is None:
         raise RuntimeError("gn_triton: no candidate plan could run") from failure
     return best
+
+
+def untimed_plan(direction: str, p: Problem, device: torch.device) -> Plan:
+    """The plan of a pass run in parts (gn_triton.stats, gn_triton.distributed): forced or heuristic,
+    never timed (a tuned plan times the whole call, which a part is not)."""
+    if _override is not None:
+        return dataclasses.replace(heuristic_plan(direction, p, device), **_override).fit(p)
+    return heuristic_plan(direction, p, device).fit(p)

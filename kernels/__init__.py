@@ -12,6 +12,7 @@ from .gn_bwd import (
     _gn_bwd_split_dx_kernel,
 )
 from .gn_fwd import _gn_fwd_fused_kernel, _gn_fwd_partial_stats_kernel, _gn_fwd_split_apply_kernel
+from .gn_parts import _gn_dx_kernel, _gn_normalize_kernel
 
 
 def kernel_version() -> str:
@@ -34,8 +35,10 @@ __all__ = [
     "_gn_bwd_fused_kernel",
     "_gn_bwd_partial_sums_kernel",
     "_gn_bwd_split_dx_kernel",
+    "_gn_dx_kernel",
     "_gn_fwd_fused_kernel",
     "_gn_fwd_partial_stats_kernel",
     "_gn_fwd_split_apply_kernel",
+    "_gn_normalize_kernel",
     "kernel_version",
 ]
