@@ -118,37 +118,68 @@ def _exchange_shapes(input, num_groups, weight, bias, eps, activation, scale, sh
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {shapes} (by rank)")
 
 
+# The steps of a call on one shard, between the collectives (the autograd.Function below runs them with
+# all_gather in between; a test or a GPU check can run them for several shards in one process). Each runs
+# gn_triton's kernels where gn_triton.group_norm would (backend_for), else the same part in torch ops.
+# `stats` is the whole tensor's (mean, mean_lo, rstd, count), each (N, G).
+
+
+def _on_kernels(x: torch.Tensor) -> bool:
+    return _checks.backend_for(x) != "torch"
+
+
+def shard_statistics(input: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """This shard's (count, mean, mean_lo, m2) per (n, g), stacked in float64: (4, N, G), what is gathered."""
+    with torch.no_grad():
+        return torch.stack([t.to(torch.float64) for t in group_stats(input, num_groups)])
+
+
+def whole_statistics(gathered: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The whole tensor's stats from every shard's (ranks along dim 0), merged in rank order."""
+    count, mean, mean_lo, m2 = merged(*gathered.unbind(1), dtype)
+    return mean, mean_lo, _parts.rstd_of(count, m2, eps, dtype), count
+
+
+def shard_output(input, num_groups: int, affine: Affine, stats, out_dtype: torch.dtype) -> torch.Tensor:
+    normalize = _parts.normalize if _on_kernels(input) else _parts.torch_normalize
+    return normalize(input, num_groups, affine, *stats[:3], out_dtype)
+
+
+def shard_grad_sums(dy, input, num_groups: int, affine: Affine, stats, needs) -> tuple[torch.Tensor, ...]:
+    """(per-(n, c) sums of dz and dz*(x - mean) over this shard, float64 (N, C, 2): what is gathered;
+    then this shard's contribution to dweight, dbias, dscale, dshift, those `needs` asks for)."""
+    grad_sums = _parts.grad_sums if _on_kernels(input) else _parts.torch_grad_sums
+    return grad_sums(dy, input, num_groups, affine, *stats[:3], needs)
+
+
+def shard_dx(dy, input, num_groups: int, affine: Affine, stats, total: torch.Tensor) -> torch.Tensor:
+    """dx of this shard from the sums over all shards (`total`, summed in rank order)."""
+    mean, mean_lo, rstd, count = stats
+    coef_x, coef_1 = _parts.dx_coefficients(total, count, affine, num_groups, mean_lo, rstd)
+    run = _parts.dx if _on_kernels(input) else _parts.torch_dx
+    return run(dy, input, num_groups, affine, mean, mean_lo, rstd, coef_x, coef_1)
+
+
 class _ShardedGroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, scale, shift, num_groups, eps, activation, group, out_dtype):
-        kernels = _checks.backend_for(input) != "torch"
-        dtype = stats_dtype(input)
-        with torch.no_grad():
-            local = torch.stack([t.to(torch.float64) for t in group_stats(input, num_groups)])
-        count, mean, mean_lo, m2 = merged(*_all_gather(local, group).unbind(1), dtype)
-        rstd = _parts.rstd_of(count, m2, eps, dtype)
-        affine = Affine(weight, bias, scale, shift, activation)
-        normalize = _parts.normalize if kernels else _parts.torch_normalize
-        y = normalize(input, num_groups, affine, mean, mean_lo, rstd, out_dtype)
-        ctx.save_for_backward(input, weight, bias, scale, shift, mean, mean_lo, rstd, count)
-        ctx.num_groups, ctx.activation, ctx.group, ctx.kernels = num_groups, activation, group, kernels
+        gathered = _all_gather(shard_statistics(input, num_groups), group)
+        stats = whole_statistics(gathered, eps, stats_dtype(input))
+        y = shard_output(input, num_groups, Affine(weight, bias, scale, shift, activation), stats, out_dtype)
+        ctx.save_for_backward(input, weight, bias, scale, shift, *stats)
+        ctx.num_groups, ctx.activation, ctx.group = num_groups, activation, group
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        input, weight, bias, scale, shift, mean, mean_lo, rstd, count = ctx.saved_tensors
+        input, weight, bias, scale, shift, *stats = ctx.saved_tensors
         affine = Affine(weight, bias, scale, shift, ctx.activation)
-        G, needs = ctx.num_groups, ctx.needs_input_grad
-        grad_sums = _parts.grad_sums if ctx.kernels else _parts.torch_grad_sums
-        sums, dw, db, dscale, dshift = grad_sums(dy, input, G, affine, mean, mean_lo, rstd, needs[1:5])
+        needs = ctx.needs_input_grad
+        sums, *grads = shard_grad_sums(dy, input, ctx.num_groups, affine, stats, needs[1:5])
         total = _all_gather(sums, ctx.group).sum(0)  # the same fixed-order total on every rank
-        dx = None
-        if needs[0]:
-            coef_x, coef_1 = _parts.dx_coefficients(total, count, affine, G, mean_lo, rstd)
-            run = _parts.dx if ctx.kernels else _parts.torch_dx
-            dx = run(dy, input, G, affine, mean, mean_lo, rstd, coef_x, coef_1)
-        grads = tuple(g if need and g.numel() else None for g, need in zip((dw, db, dscale, dshift), needs[1:5]))
+        dx = shard_dx(dy, input, ctx.num_groups, affine, stats, total) if needs[0] else None
+        grads = tuple(g if need and g.numel() else None for g, need in zip(grads, needs[1:5]))
         return (dx, *grads, None, None, None, None, None)
 
 

@@ -35,7 +35,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from gn_triton import _cost, _tuning, kernels
-from gn_triton._launches import plan_launches
+from gn_triton._launches import PARTS, default_needs, plan_launches, plan_part_launches
 from gn_triton._tuning import Plan, Problem
 
 from . import amd_report
@@ -73,16 +73,19 @@ def _specs_for_plan(p: Problem, plan: Plan, aligned: bool, direction: str | None
     its warps: what the runtime would compile."""
     dtype = next(name for name, t in DTYPES.items() if t == p.dtype)
     specs = {}
-    for d in (direction,) if direction else ("fwd", "bwd"):
-        for launch in plan_launches(d, p, plan):
-            flat = {}
-            for name, value in launch.constexprs.items():
-                if name in ("num_warps", "ACC"):  # the spec's warps; ACC follows the dtype (_signature)
-                    continue
-                flat.update(value._asdict() if isinstance(value, tuple) else {name: value})
-            items = tuple(sorted(flat.items()))
-            warps = launch.constexprs.get("num_warps", 4)  # the runtime's default where a launch gives none
-            specs[Spec(launch.kernel, dtype, p.channels_last, items, warps, aligned)] = None
+    directions = (direction,) if direction else ("fwd", "bwd")
+    launches = [launch for d in directions for launch in plan_launches(d, p, plan)]
+    if direction is None:  # and the parts of gn_triton.stats and gn_triton.distributed
+        launches += [launch for part in PARTS for launch in plan_part_launches(part, p, plan, default_needs(p)[1:])]
+    for launch in launches:
+        flat = {}
+        for name, value in launch.constexprs.items():
+            if name in ("num_warps", "ACC"):  # the spec's warps; ACC follows the dtype (_signature)
+                continue
+            flat.update(value._asdict() if isinstance(value, tuple) else {name: value})
+        items = tuple(sorted(flat.items()))
+        warps = launch.constexprs.get("num_warps", 4)  # the runtime's default where a launch gives none
+        specs[Spec(launch.kernel, dtype, p.channels_last, items, warps, aligned)] = None
     return list(specs)
 
 
@@ -167,7 +170,7 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
             continue
         if name in ("X", "Y", "DY", "DX", "W", "B", "DW", "DB", "Scale", "Shift", "DScale", "DShift"):
             signature[name] = data  # the parameters' dtype is the input's (a 16-bit model's weights)
-        elif name in ("Mean", "MeanLo", "Rstd", "Partials"):
+        elif name in ("Mean", "MeanLo", "Rstd", "Partials", "CoefX", "Coef1"):
             signature[name] = stats  # statistics and workspaces
         elif name in ("eps_hi", "eps_lo"):
             signature[name] = "fp32"

@@ -144,15 +144,60 @@ def assert_close(out, expected, tolerance, what="output"):
     assert err <= tolerance, f"{what}: error {err:.3g} > tolerance {tolerance:.3g}"
 
 
-def assert_matches_reference(x, num_groups, weight=None, bias=None, dy=None, eps=1e-5, **epilogue):
-    """gn_triton's forward and every gradient (`epilogue`: activation, scale, shift) against the
-    float64 reference; dtypes and output memory format against torch's. Tolerance of each output:
+class _ShardsInOneProcess(torch.autograd.Function):
+    """gn_triton.distributed's steps for every shard of x (cut along `dim` into `sizes`), run one after
+    the other in this process where the ranks would exchange: the kernels and merges of a sharded call
+    without a process group (its forward and backward assemble the shards' outputs and sum their
+    parameter gradients, as all_reduce would)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, activation, dim, sizes):
+        from gn_triton import _launch, distributed
+        from gn_triton._plan import Affine
+
+        ctx.affine = Affine(weight, bias, scale, shift, activation)
+        ctx.shards, ctx.num_groups, ctx.dim, ctx.sizes = torch.split(x, sizes, dim), num_groups, dim, sizes
+        gathered = torch.stack([distributed.shard_statistics(t, num_groups) for t in ctx.shards])
+        ctx.stats = distributed.whole_statistics(gathered, eps, _launch.stats_dtype(x))
+        ys = [distributed.shard_output(t, num_groups, ctx.affine, ctx.stats, x.dtype) for t in ctx.shards]
+        y = torch.cat(ys, dim)
+        return y.contiguous(memory_format=_launch.memory_format(x))  # cat's own choice may differ from x's
+
+    @staticmethod
+    def backward(ctx, dy):
+        from gn_triton import distributed
+
+        dys = torch.split(dy, ctx.sizes, ctx.dim)
+        needs = ctx.needs_input_grad[1:5]
+        per_shard = [distributed.shard_grad_sums(d, t, ctx.num_groups, ctx.affine, ctx.stats, needs)
+                     for d, t in zip(dys, ctx.shards)]  # fmt: skip
+        total = torch.stack([sums for sums, *_ in per_shard]).sum(0)
+        dx = torch.cat([distributed.shard_dx(d, t, ctx.num_groups, ctx.affine, ctx.stats, total)
+                        for d, t in zip(dys, ctx.shards)], ctx.dim)  # fmt: skip
+        grads = [sum(g[k] for _, *g in per_shard) if need else None for k, need in enumerate(needs)]
+        return (dx, *grads, None, None, None, None, None)
+
+
+def sharded(dim: int, sizes: list[int]):
+    """A group_norm-like function running gn_triton.distributed's steps on shards of sizes `sizes` along
+    `dim`, in one process (for assert_matches_reference's `fn`)."""
+
+    def fn(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, scale=None, shift=None):
+        return _ShardsInOneProcess.apply(x, weight, bias, scale, shift, num_groups, eps, activation, dim, sizes)
+
+    return fn
+
+
+def assert_matches_reference(x, num_groups, weight=None, bias=None, dy=None, eps=1e-5, fn=None, **epilogue):
+    """gn_triton's forward and every gradient (`epilogue`: activation, scale, shift; or those of `fn`,
+    a function with group_norm's arguments) against the float64 reference; dtypes and output memory
+    format against torch's. Tolerance of each output:
     TOLERANCE of its dtype, plus for 16-bit input 2x torch's own error at that dtype (its
     F.group_norm and the same epilogue in torch ops, on the same inputs). Returns gn_triton's
     (y, dx, dweight, dbias, dscale, dshift)."""
     if dy is None:
         dy = torch.randn(x.shape, dtype=torch.float64, device=x.device).to(x.dtype)
-    ours = forward_backward(gn_triton.group_norm, x, num_groups, weight, bias, dy, eps, **epilogue)
+    ours = forward_backward(fn or gn_triton.group_norm, x, num_groups, weight, bias, dy, eps, **epilogue)
     ref = reference(x, num_groups, weight, bias, dy, eps, **epilogue)
     torch_weight, torch_bias = _torch_params(x, weight, bias)
     theirs = None

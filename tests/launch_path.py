@@ -157,8 +157,9 @@ LAYOUTS = [
 
 
 def run_gn_triton() -> Counter:
-    """Every kernel of a fused and a split plan (forward; backward with all five gradients)."""
-    from gn_triton import _launch, _tuning
+    """Every kernel of a fused and a split plan (forward; backward with all five gradients), and the
+    parts gn_triton.stats and gn_triton.distributed run (statistics, normalise, gradient sums, dx)."""
+    from gn_triton import _launch, _parts, _tuning
     from gn_triton._plan import Affine
 
     torch.manual_seed(0)
@@ -177,6 +178,11 @@ def run_gn_triton() -> Counter:
             with _tuning.override_plan(**fields):
                 _y, mean, mean_lo, rstd = _launch.gn_fwd(x, g, 1e-5, affine)
                 _launch.gn_bwd(torch.randn_like(x), x, g, affine, mean, mean_lo, rstd, [True] * 5)
+                count = _parts.group_stats(x, g)[0]  # launched, not run: the values are not looked at
+                _parts.normalize(x, g, affine, mean, mean_lo, rstd, x.dtype)
+                sums = _parts.grad_sums(torch.randn_like(x), x, g, affine, mean, mean_lo, rstd, [True] * 4)[0]
+                coefficients = _parts.dx_coefficients(sums, count, affine, g, mean_lo, rstd)
+                _parts.dx(torch.randn_like(x), x, g, affine, mean, mean_lo, rstd, *coefficients)
             print(f"{plan:>15} {dtype} {memory_format}: launched")
     return Counter(name for name, _warps, _grid in FakeCudaDriver.launches)
 

@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from gn_testing import ROOT, error, forced, make_input, make_params, python_without_interpreter
+from gn_testing import (
+    ROOT,
+    assert_matches_reference,
+    error,
+    forced,
+    make_input,
+    make_modulation,
+    make_params,
+    python_without_interpreter,
+    sharded,
+)
 
 import gn_triton
 import gn_triton.distributed as gnd
@@ -92,6 +102,23 @@ def test_patch_parallel_example_matches_one_process():
     proc = python_without_interpreter("notebooks/patch_parallel.py", "--world", "3", "--port", _free_port())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert float(proc.stdout.split("max difference")[1].split()[0]) < 1e-12, proc.stdout
+
+
+@pytest.mark.parametrize("plan", ["heuristic", "split 3, small tiles", "split 2, waves of 3 blocks"])
+@pytest.mark.parametrize(("dtype", "layout", "epilogue"), [
+    (torch.float32, "contiguous", dict(activation="silu", scale=True, shift=True)),
+    (torch.bfloat16, "channels_last", dict(activation="gelu")),
+    (torch.float64, "contiguous", dict(shift=True))])  # fmt: skip
+def test_shard_steps_in_one_process_match_the_reference(plan, dtype, layout, epilogue, device):
+    """gn_triton.distributed's steps for 3 shards along H (one empty), run in one process where ranks
+    would exchange (gn_testing.sharded): every output and gradient against the float64 reference, as
+    gn_triton.group_norm is held (the GPU benchmark job runs the same check on the GPU)."""
+    x = make_input((2, 6, 10, 3), dtype, device, offset=3.0, layout=layout)
+    weight, bias = make_params(6, dtype, device)
+    scale, shift = make_modulation(2, 6, dtype, device, scale=epilogue.pop("scale", False),
+                                   shift=epilogue.pop("shift", False))  # fmt: skip
+    with forced(plan):
+        assert_matches_reference(x, 3, weight, bias, fn=sharded(2, [4, 0, 6]), scale=scale, shift=shift, **epilogue)
 
 
 # --- gn_triton.stats on one process ---------------------------------------------------------------

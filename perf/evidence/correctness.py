@@ -2,8 +2,8 @@
 forced plans, dtypes, layouts, epilogues and affine combinations of tests/cases.py, each checked by
 tests/gn_testing.py's assert_matches_reference (every output and gradient against the float64
 reference, 16-bit tolerance from torch's own error), so the GPU run checks what CI checks. On top:
-model-sized shapes on the GPU's own plans, bitwise repeatability, and one input of more than 2^31
-elements in a single group."""
+model-sized shapes on the GPU's own plans, gn_triton.distributed's steps on shards (in one process),
+bitwise repeatability, and one input of more than 2^31 elements in a single group."""
 
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ class Case:
     modulation: str | None = None  # a cases.MODULATIONS name
     affine: str = "weight+bias"  # a cases.AFFINE name
     repeat: bool = False  # also check bitwise repeatability
+    shards: bool = False  # gn_triton.distributed's steps on 3 shards along dim 2 (one empty), in one process
 
     @property
     def epilogue(self) -> str:
@@ -65,7 +66,7 @@ def _layouts(size: tuple) -> tuple[str, ...]:
 
 def correctness_cases(rehearse: bool) -> list[Case]:
     """Every plan x layout x dtype on the suite's named shapes, then epilogues, affine combinations,
-    model-sized shapes and repeatability (a few of each in the CPU rehearsal)."""
+    model-sized shapes, shards and repeatability (a few of each in the CPU rehearsal)."""
     cases, _ = suite()
     plans = ["heuristic", *cases.PATHS]
     nchw = cases.SHAPES["nchw"]
@@ -75,6 +76,7 @@ def correctness_cases(rehearse: bool) -> list[Case]:
         out += [Case("nchw", plan, *nchw, torch.float32, "channels_last") for plan in (fused, waves)]
         epilogues = [(None, "scale+shift"), ("silu", None), ("gelu", "scale"), ("gelu_tanh", "shift")]
         out += [Case("nchw", fused, *nchw, torch.bfloat16, activation=a, modulation=m) for a, m in epilogues]
+        out += [Case("shards", waves, *nchw, torch.float32, "channels_last", "silu", "scale+shift", shards=True)]
         return out + [Case("repeat", waves, *nchw, torch.bfloat16, "channels_last", "silu", "scale+shift", repeat=True)]
     out = [Case(name, plan, size, G, dtype, layout) for name, (size, G) in cases.SHAPES.items()
            for layout in _layouts(size) for dtype in cases.DTYPES for plan in plans]  # fmt: skip
@@ -87,6 +89,9 @@ def correctness_cases(rehearse: bool) -> list[Case]:
             for layout in _layouts(size) for dtype in cases.DTYPES
             for plan in ("heuristic", *cases.FUSED_AND_SPLIT_LONG_ROWS)]  # fmt: skip
     size, G = MODEL_SIZED["SD U-Net-like 2x320x24x24"]
+    out += [Case("shards", plan, size, G, dtype, layout, "silu", "scale+shift", shards=True)
+            for plan in ("heuristic", *cases.FUSED_AND_SPLIT) for dtype in (torch.float32, torch.bfloat16)
+            for layout in _layouts(size)]  # fmt: skip
     out += [Case("repeat", plan, size, G, torch.bfloat16, "channels_last", "silu", "scale+shift", repeat=True)
             for plan in cases.FUSED_AND_SPLIT]  # fmt: skip
     return out
@@ -122,9 +127,11 @@ def check_case(case: Case, device: str) -> str:
 
     _, t = suite()
     x, w, b, dy, epilogue = inputs(case, device)
+    height = case.size[2]
+    fn = t.sharded(2, [height // 3, 0, height - height // 3]) if case.shards else None
     try:
         with t.forced(case.plan):
-            ours = t.assert_matches_reference(x, case.groups, w, b, dy, **epilogue)
+            ours = t.assert_matches_reference(x, case.groups, w, b, dy, fn=fn, **epilogue)
             if case.repeat:
                 again = t.forward_backward(gn_triton.group_norm, x, case.groups, w, b, dy, **epilogue)
                 assert all(a is None or torch.equal(a, o) for a, o in zip(again, ours)), "not bitwise repeatable"
