@@ -26,8 +26,10 @@ Kernel arguments: a name means the same in every kernel.
   DW, DB, DScale, DShift   their gradients, each in its tensor's dtype; written only where NEEDS_* asks
   Mean, MeanLo    (N, G) in ACC: the group mean rounded to ACC and the rounding residual; Rstd, (N, G)
                   1/sqrt(var + eps); eps_hi + eps_lo = eps (fp32 each, see finalize_stats)
-  Partials        the split paths' workspace in ACC: forward (N*G, SPANS, 3), backward (N, C, SPANS, 2),
+  Partials        the split paths' workspace in ACC: forward (N*G, SPANS, 4), backward (N, C, SPANS, 2),
                   read and written through its accessors below; SPANS spans of `span` positions each
+                  (the forward's SPANS counts (chunk, span) pieces: chunks x spans)
+  chunk_c         the split paths' channels per program (chunk_bounds), on program axis 2
   block_offset    the first block of this launch's wave (split paths)
   R, BLOCK_C, BLOCK_S   the plan: groups per program and the tile
   EPILOGUE, LAYOUT      the constexpr bundles below; ACC: the accumulator dtype (fp32, fp64 for fp64)
@@ -86,6 +88,16 @@ def span_bounds(j, span, S):
     """Positions [s_begin, s_end) of span j (s_begin + span may pass 2^31: the end is formed without it)."""
     s_begin = j * span
     return s_begin, s_begin + tl.minimum(span, S - s_begin)
+
+
+@triton.jit
+def chunk_bounds(c_begin, c_end, chunk_c):
+    """Channels [c_lo, c_hi) of the chunk of this program (program axis 2) of a block's channels
+    [c_begin, c_end): the split path may cut a group's channels into chunks of chunk_c (NCHW, one group
+    per program) so that its tiles' rows divide them; with one chunk (chunk_c >= the block's channels)
+    the whole block."""
+    c_lo = c_begin + tl.program_id(2) * chunk_c
+    return c_lo, tl.minimum(c_lo + chunk_c, c_end)
 
 
 @triton.jit
@@ -398,27 +410,43 @@ def dx_coefficients(dzw_sum, dzw_xc_sum, mean_lo, rstd, group_size):
 
 @triton.jit
 def partial_stats(Partials, row, j, SPANS):
-    """Pointers to the count, mean and M2 of span j of group row `row` (n*G + group, int64) in the
-    forward's workspace Partials (N*G, SPANS, 3)."""
-    base = Partials + (row * SPANS + j) * 3
-    return base, base + 1, base + 2
+    """Pointers to the count, mean, M2 and reference of piece j of group row `row` (n*G + group, int64)
+    in the forward's workspace Partials (N*G, SPANS, 4): mean and M2 of x - reference."""
+    base = Partials + (row * SPANS + j) * 4
+    return base, base + 1, base + 2, base + 3
 
 
 @triton.jit
 def group_partials(Partials, row, SPANS):
-    """Where the spans of group row(s) `row` start in the forward's workspace, for loops over the spans
-    (span_stats): the row's offset is then formed once, outside the loop."""
-    return Partials + row * SPANS * 3
+    """Where the pieces of group row(s) `row` start in the forward's workspace, for loops over the
+    pieces (span_stats): the row's offset is then formed once, outside the loop."""
+    return Partials + row * SPANS * 4
 
 
 @triton.jit
 def span_stats(spans, gid_mask, k0, SPANS, BLOCK_SPANS: tl.constexpr):
-    """Pointers to the count, mean and M2 of spans k0 .. k0 + BLOCK_SPANS - 1 of the groups at `spans`
-    (group_partials, [R, 1]), and the mask of those that exist: [R, BLOCK_SPANS] each."""
+    """Pointers to the count, mean, M2 and reference of pieces k0 .. k0 + BLOCK_SPANS - 1 of the groups
+    at `spans` (group_partials, [R, 1]), and the mask of those that exist: [R, BLOCK_SPANS] each."""
     k = k0 + tl.arange(0, BLOCK_SPANS)[None, :]
     k_mask = gid_mask[:, None] & (k < SPANS)
-    base = spans + k * 3
-    return base, base + 1, base + 2, k_mask
+    base = spans + k * 4
+    return base, base + 1, base + 2, base + 3, k_mask
+
+
+@triton.jit
+def group_reference(
+    x_sample, pilot, c_begin, c_end, Cg, C, S, R: tl.constexpr, BLOCK_S: tl.constexpr, LAYOUT: tl.constexpr,
+    ACC: tl.constexpr,
+):  # fmt: skip
+    """A value inside each of the R groups' data for the split path's partial statistics: the pilot plus
+    the mean of x - pilot over the group's first BLOCK_S positions of its first channel (the fused
+    path's shift of the group). Partials relative to it keep their means small, so they merge without
+    the rounding of a large x - pilot (a first element far from the rest)."""
+    first, channels = group_channels(c_begin, c_end, Cg, R)
+    s = tl.arange(0, BLOCK_S)
+    mask = (channels > 0)[:, None] & (s < S)[None, :]
+    head = tl.load(x_sample + tile_offsets(first, s, C, S, LAYOUT), mask=mask, other=0.0).to(ACC)
+    return pilot + tl.sum(tl.where(mask, head - pilot[:, None], 0.0), axis=1) / tl.minimum(S, BLOCK_S).to(ACC)
 
 
 @triton.jit

@@ -10,6 +10,7 @@ from gn_testing import (
     forced,
     forward_backward,
     make_input,
+    make_modulation,
     make_params,
     reference,
     torch_group_norm,
@@ -129,6 +130,8 @@ LONG_ROW_PLANS = {  # few programs with large tiles: the interpreter costs per p
 OUTLIER_PLANS = {
     "fused": dict(split=1, groups_per_program=1, block_c=4, block_s=1024),
     "split": dict(split=4, groups_per_program=1, block_c=4, block_s=256, wave_blocks=0),
+    # Each group's 4 channels in 2 chunks: the outlier's chunk merges with one that never sees it.
+    "split, channel chunks": dict(split=4, groups_per_program=1, block_c=2, block_s=256, wave_blocks=0, chunks=2),
 }
 
 
@@ -182,3 +185,54 @@ def test_ramp(start, stop, path, device):
     x = (ramp.repeat(2, 1, 1) + 1e-3 * torch.randn(2, 8, 4096, dtype=torch.float64, device=device)).float()
     ours, _ = fp32_errors(x, 2, OUTLIER_PLANS[path])
     assert max(ours) < 1e-6, ours
+
+
+# The split path's channel chunks (Plan.chunks: a group's channels over several programs, so that a
+# group of 10 channels needs no 16-row tiles): odd sizes, offset data, every epilogue, forward and
+# every gradient, against float64 at fp32's tolerance. C/G = 5 in 3 chunks gives chunks of 2, 2 and 1
+# channels; a span of 63 positions leaves a masked tail; channels_last runs the plan unchunked.
+CHUNK_PLANS = {
+    "3 chunks, 2-row tiles": dict(split=3, groups_per_program=1, block_c=2, block_s=16, wave_blocks=0, chunks=3),
+    "5 chunks of 1 channel": dict(split=2, groups_per_program=1, block_c=1, block_s=32, wave_blocks=0, chunks=5),
+}
+CHUNK_EPILOGUES = {
+    "affine": dict(),
+    "no affine": dict(weight=False, bias=False),
+    "silu, scale+shift": dict(activation="silu", scale=True, shift=True),
+    "gelu, scale": dict(activation="gelu", scale=True),
+    "gelu_tanh, shift, bias only": dict(activation="gelu_tanh", shift=True, weight=False),
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("epilogue", CHUNK_EPILOGUES)
+@pytest.mark.parametrize("plan", CHUNK_PLANS)
+def test_channel_chunks(plan, epilogue, layout, device):
+    fields = dict(CHUNK_EPILOGUES[epilogue])
+    activation = fields.pop("activation", None)
+    scale, shift = fields.pop("scale", False), fields.pop("shift", False)
+    x = make_input((3, 10, 7, 9), torch.float32, device, offset=1e3, scale=2.0, layout=layout)
+    w, b = make_params(10, torch.float32, device, **fields)
+    scale, shift = make_modulation(3, 10, torch.float32, device, scale=scale, shift=shift)
+    with _tuning.override_plan(**CHUNK_PLANS[plan]):
+        assert_matches_reference(x, 2, w, b, activation=activation, scale=scale, shift=shift)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_channel_chunks_fp32_level(offset, device):
+    """fp32 relative error <= 1e-6 against float64 with the channels in chunks (C/G = 10 in 5 chunks
+    of 2, as the planner cuts the groups of C320 G32), on data offset by `offset`."""
+    x = make_input((1, 20, 64, 64), torch.float32, device, offset=offset)
+    ours, _ = fp32_errors(x, 2, dict(split=2, groups_per_program=1, block_c=2, block_s=1024, wave_blocks=0, chunks=5))
+    assert max(ours) < 1e-6, ours
+
+
+def test_channel_chunks_are_deterministic(device):
+    """Chunked partials merge in a fixed order: two runs agree bit for bit."""
+    x = make_input((2, 10, 9, 9), torch.float32, device, offset=3.0)
+    w, b = make_params(10, torch.float32, device)
+    dy = torch.randn_like(x)
+    with _tuning.override_plan(**CHUNK_PLANS["3 chunks, 2-row tiles"]):
+        first, second = (forward_backward(gn_triton.group_norm, x, 2, w, b, dy) for _ in range(2))
+    for a, b_ in zip(first[:4], second[:4]):
+        assert torch.equal(a, b_)
