@@ -6,8 +6,8 @@ and the tests read.
 
 Forward: fused, one launch of a block per program; split, per wave a partial-statistics launch and
 an apply launch over (blocks of the wave, spans, channel chunks). Backward: fused, one launch; split,
-per wave a partial-sums launch and (when dx is needed) a dx launch on the same grid; then a small reduction for dweight/dbias
-and one for dscale/dshift, each only when one of its gradients is needed.
+per wave a partial-sums launch and (when dx is needed) a dx launch on the same grid; then a small
+reduction for dweight/dbias and one for dscale/dshift, each only when one of its gradients is needed.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def plan_launches(direction: str, p: Problem, plan: Plan, needs: Sequence[bool] 
         stats, apply = dict(plan.meta(), **p.base_flags()), dict(flags, BLOCK_SPANS=merge_step(spans * chunks))
         return [launch for offset, count in plan.waves(p)
                 for launch in (Launch("_gn_fwd_partial_stats_kernel", (count, spans, chunks), stats, offset),
-                               Launch("_gn_fwd_split_apply_kernel", (count, spans, chunks), apply, offset))]  # fmt: skip
+                               Launch("_gn_fwd_split_apply_kernel", (count, spans, chunks), apply,
+                                      offset))]  # fmt: skip
     needs_partials = needs_dw or needs_db or needs_dscale or needs_dshift
     if plan.split == 1:
         spans = 1

@@ -28,8 +28,8 @@ import triton.language as tl
 from ._tile import (
     channel_affine,
     channel_grad_sums,
-    chunk_bounds,
     channel_partials,
+    chunk_bounds,
     dx_coefficients,
     effective_weight,
     group_block,
