@@ -12,7 +12,8 @@ one that holds no other. Each kernel's element loops are its last innermost loop
 gradient sums, then the elementwise pass; the split paths' merges over spans come before and are not
 element loops). Per loop: the body's instructions / the elements each thread handles per iteration
 (tile / (32 x warps)) = instructions per tile element, then per valid element (divided by the share
-of the tile's lanes that hold data: masked rows and positions of the plan's tiles on the shape), and
+of the tile's lanes that hold data, Plan.valid_share: masked rows and positions of the plan's tiles
+on the shape, the split path's channel chunks included), and
 the barriers (BAR) and shuffles (SHFL) inside it.
 
 The issue budget: a GPU issues SMs x 4 schedulers x 32 lanes x clock thread-instructions per second,
@@ -170,7 +171,7 @@ def run(jobs: int, entries: list[dict] | None = None) -> list[dict]:
     for e in entries:
         plan = e["plan"]
         row = dict(direction=e["direction"], dtype=e["dtype"], layout="nhwc" if e["channels_last"] else "nchw",
-                   aligned=e["aligned"], split=plan.split > 1, R=plan.groups_per_program,
+                   aligned=e["aligned"], split=plan.split > 1, R=plan.groups_per_program, chunks=plan.chunks,
                    tile=f"{plan.block_c}x{plan.block_s}", warps=plan.num_warps,
                    masked=round(1 - e["valid_share"], 4), shapes=e["shapes"], kernels={})  # fmt: skip
         total, errors = 0.0, []
@@ -225,7 +226,8 @@ def violations(row: dict) -> list[str]:
 
 
 def _key(row: dict) -> tuple:
-    return tuple(row[k] for k in ("direction", "dtype", "layout", "aligned", "split", "R", "tile", "warps", "masked"))
+    keys = ("direction", "dtype", "layout", "aligned", "split", "R", "tile", "warps", "masked")
+    return (*(row[k] for k in keys), row.get("chunks", 1))  # reports before channel chunks have none
 
 
 def table(rows: list[dict], before: list[dict] | None = None) -> list[str]:
@@ -238,6 +240,7 @@ def table(rows: list[dict], before: list[dict] | None = None) -> list[str]:
         shapes = ", ".join(r["shapes"][:3]) + (f" (+{len(r['shapes']) - 3})" if len(r["shapes"]) > 3 else "")
         path = ("split" if r["split"] else "fused") + ("" if r["aligned"] else ", unaligned")
         path += f", R={r['R']}" if r["R"] > 1 else ""
+        path += f", {r['chunks']} chunks" if r.get("chunks", 1) > 1 else ""
         start = f"| {r['direction']} | {r['dtype']} | {r['layout']} | {path} | {r['tile']} x {r['warps']} "
         start += f"| {r['masked']:.0%} "
         if "error" in r:
