@@ -104,14 +104,13 @@ def _launch_fwd(x, y, affine: Affine, mean, mean_lo, rstd, eps, p: Problem, plan
     w, b, scale, shift = affine.pointers(x)
     sizes, eps_pair = (p.C, p.S, p.G, p.Cg), _eps_pair(eps)
     span, spans = plan.span(p.S)  # one span (spans = 1) on the fused path
-    chunk_c, chunks = plan.chunk(p)
-    pieces = spans * chunks  # one partial per group and (chunk, span) piece
+    pieces = spans * plan.chunk(p)[1]  # one partial per group and (chunk, span) piece
     partials = torch.empty((p.rows, pieces, 4), dtype=mean.dtype, device=x.device) if plan.split > 1 else None
     _run(plan_launches("fwd", p, plan), {
         "_gn_fwd_fused_kernel": lambda _: (x, y, w, b, scale, shift, mean, mean_lo, rstd, *sizes, *eps_pair),
-        "_gn_fwd_partial_stats_kernel": lambda offset: (x, partials, offset, *sizes, span, pieces, chunk_c),
+        "_gn_fwd_partial_stats_kernel": lambda offset: (x, partials, offset, *sizes, span, pieces),
         "_gn_fwd_split_apply_kernel": lambda offset: (
-            x, y, w, b, scale, shift, partials, mean, mean_lo, rstd, offset, *sizes, span, pieces, chunk_c, *eps_pair),
+            x, y, w, b, scale, shift, partials, mean, mean_lo, rstd, offset, *sizes, span, pieces, *eps_pair),
     })  # fmt: skip
 
 
@@ -155,16 +154,15 @@ def _launch_bwd(dy, x, affine: Affine, mean, mean_lo, rstd, grads, p: Problem, p
     w, b, scale, shift = affine.pointers(x)
     sizes, stats = (p.C, p.S, p.G, p.Cg), (mean, mean_lo, rstd)
     span, spans = plan.span(p.S)  # one span (spans = 1) on the fused path
-    chunk_c = plan.chunk(p)[0]
     # Per-(n, c) sums of dz and dz*(x - mean) per span: the split dx's and the parameter gradients' input.
     needs_partials = plan.split > 1 or any(needs[1:])
     partials = torch.empty((p.N, p.C, spans, 2), dtype=mean.dtype, device=x.device) if needs_partials else x
     _run(plan_launches("bwd", p, plan, needs), {
         "_gn_bwd_fused_kernel": lambda _: (x, dy, dx, w, b, scale, shift, *stats, partials, *sizes),
         "_gn_bwd_partial_sums_kernel": lambda offset: (
-            x, dy, w, b, scale, shift, *stats, partials, offset, *sizes, span, spans, chunk_c),
+            x, dy, w, b, scale, shift, *stats, partials, offset, *sizes, span, spans),
         "_gn_bwd_split_dx_kernel": lambda offset: (
-            x, dy, dx, w, b, scale, shift, *stats, partials, offset, *sizes, span, spans, chunk_c),
+            x, dy, dx, w, b, scale, shift, *stats, partials, offset, *sizes, span, spans),
         "_gn_bwd_dparams_kernel": lambda _: (partials, mean_lo, rstd, scale, dw, db, p.N, p.C, p.G, p.Cg, spans),
         "_gn_bwd_dscale_shift_kernel": lambda _: (partials, w, b, mean_lo, rstd, dscale, dshift, p.C, p.G, p.Cg, spans),
     })  # fmt: skip

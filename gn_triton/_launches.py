@@ -45,7 +45,8 @@ def plan_launches(direction: str, p: Problem, plan: Plan, needs: Sequence[bool] 
         if plan.split == 1:
             return [Launch("_gn_fwd_fused_kernel", (plan.blocks(p),), flags)]
         spans, chunks = plan.span(p.S)[1], plan.chunk(p)[1]
-        stats, apply = dict(plan.meta(), **p.base_flags()), dict(flags, BLOCK_SPANS=merge_step(spans * chunks))
+        stats = dict(plan.meta(), **p.base_flags(), CHUNK_C=plan.chunk_constexpr(p))
+        apply = dict(flags, BLOCK_SPANS=merge_step(spans * chunks), CHUNK_C=plan.chunk_constexpr(p))
         return [launch for offset, count in plan.waves(p)
                 for launch in (Launch("_gn_fwd_partial_stats_kernel", (count, spans, chunks), stats, offset),
                                Launch("_gn_fwd_split_apply_kernel", (count, spans, chunks), apply,
@@ -57,10 +58,11 @@ def plan_launches(direction: str, p: Problem, plan: Plan, needs: Sequence[bool] 
                       dict(flags, NEEDS_DX=needs_dx, NEEDS_PARTIALS=needs_partials))]  # fmt: skip
     else:
         spans, chunks = plan.span(p.S)[1], plan.chunk(p)[1]
-        dx = dict(flags, BLOCK_SPANS=merge_step(spans))
+        sums = dict(flags, CHUNK_C=plan.chunk_constexpr(p))
+        dx = dict(sums, BLOCK_SPANS=merge_step(spans))
         out = []
         for offset, count in plan.waves(p):
-            out.append(Launch("_gn_bwd_partial_sums_kernel", (count, spans, chunks), flags, offset))
+            out.append(Launch("_gn_bwd_partial_sums_kernel", (count, spans, chunks), sums, offset))
             if needs_dx:
                 out.append(Launch("_gn_bwd_split_dx_kernel", (count, spans, chunks), dx, offset))
     block_c = min(triton.next_power_of_2(p.C), 128)

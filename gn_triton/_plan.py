@@ -140,11 +140,16 @@ class Plan:
 
     def chunk(self, p: Problem) -> tuple[int, int]:
         """(channels per chunk, chunks per block): the channels of a block one program of the split path
-        walks (the kernels' chunk_c; a whole block when chunks is 1) and how many such programs a span has."""
+        walks (the whole block when chunks is 1) and how many such programs a span has."""
         if self.chunks == 1:
             return self.groups_per_program * p.Cg, 1
         chunk_c = triton.cdiv(p.Cg, self.chunks)
         return chunk_c, triton.cdiv(p.Cg, chunk_c)
+
+    def chunk_constexpr(self, p: Problem) -> int:
+        """The split kernels' CHUNK_C: channels per chunk, 0 for one chunk (the whole block)."""
+        chunk_c, chunks = self.chunk(p)
+        return chunk_c if chunks > 1 else 0
 
     def valid_share(self, p: Problem) -> float:
         """The share of the lanes of the plan's tiles that hold data. A program walks its chunk of the

@@ -29,7 +29,7 @@ Kernel arguments: a name means the same in every kernel.
   Partials        the split paths' workspace in ACC: forward (N*G, SPANS, 4), backward (N, C, SPANS, 2),
                   read and written through its accessors below; SPANS spans of `span` positions each
                   (the forward's SPANS counts (chunk, span) pieces: chunks x spans)
-  chunk_c         the split paths' channels per program (chunk_bounds), on program axis 2
+  CHUNK_C         the split paths' channels per program (chunk_bounds, program axis 2; 0: the block's)
   block_offset    the first block of this launch's wave (split paths)
   R, BLOCK_C, BLOCK_S   the plan: groups per program and the tile
   EPILOGUE, LAYOUT      the constexpr bundles below; ACC: the accumulator dtype (fp32, fp64 for fp64)
@@ -91,13 +91,15 @@ def span_bounds(j, span, S):
 
 
 @triton.jit
-def chunk_bounds(c_begin, c_end, chunk_c):
+def chunk_bounds(c_begin, c_end, CHUNK_C: tl.constexpr):
     """Channels [c_lo, c_hi) of the chunk of this program (program axis 2) of a block's channels
-    [c_begin, c_end): the split path may cut a group's channels into chunks of chunk_c (NCHW, one group
-    per program) so that its tiles' rows divide them; with one chunk (chunk_c >= the block's channels)
-    the whole block."""
-    c_lo = c_begin + tl.program_id(2) * chunk_c
-    return c_lo, tl.minimum(c_lo + chunk_c, c_end)
+    [c_begin, c_end): the split path may cut a group's channels into chunks of CHUNK_C (NCHW, one
+    group per program) so that its tiles' rows divide them; CHUNK_C = 0: the whole block. A constexpr,
+    so that the compiler still sees the channels' alignment (channels_last loads stay vectorised)."""
+    if CHUNK_C == 0:
+        return c_begin, c_end
+    c_lo = c_begin + tl.program_id(2) * CHUNK_C
+    return c_lo, tl.minimum(c_lo + CHUNK_C, c_end)
 
 
 @triton.jit

@@ -91,16 +91,16 @@ def _gn_bwd_fused_kernel(
 
 @triton.jit
 def _gn_bwd_partial_sums_kernel(
-    X, DY, W, B, Scale, Shift, Mean, MeanLo, Rstd, Partials, block_offset, C, S, G, Cg, span, SPANS, chunk_c,
+    X, DY, W, B, Scale, Shift, Mean, MeanLo, Rstd, Partials, block_offset, C, S, G, Cg, span, SPANS,
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
+    EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr, CHUNK_C: tl.constexpr,
 ):  # fmt: skip
     """Per-(n, c, span) dz_sum, dz_xc_sum into Partials (N, C, SPANS, 2); W, B, Scale, Shift are read only
     with a fused activation (dz = dy*act'(z) needs z)."""
     n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
     s_begin, s_end = span_bounds(j, span, S)
-    c_lo, c_hi = chunk_bounds(c_begin, c_end, chunk_c)
+    c_lo, c_hi = chunk_bounds(c_begin, c_end, CHUNK_C)
     x_sample = X + n.to(tl.int64) * C * S
     dy_sample = DY + n.to(tl.int64) * C * S
     mean_hi, mean_lo, rstd = load_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask)
@@ -119,9 +119,9 @@ def _gn_bwd_partial_sums_kernel(
 
 @triton.jit
 def _gn_bwd_split_dx_kernel(
-    X, DY, DX, W, B, Scale, Shift, Mean, MeanLo, Rstd, Partials, block_offset, C, S, G, Cg, span, SPANS, chunk_c,
+    X, DY, DX, W, B, Scale, Shift, Mean, MeanLo, Rstd, Partials, block_offset, C, S, G, Cg, span, SPANS,
     BLOCK_SPANS: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
+    EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr, CHUNK_C: tl.constexpr,
 ):  # fmt: skip
     n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
@@ -152,7 +152,7 @@ def _gn_bwd_split_dx_kernel(
 
     coef_x, coef_1 = dx_coefficients(dzw_sum, dzw_xc_sum, mean_lo, rstd, group_size(Cg, S, ACC))
     s_begin, s_end = span_bounds(j, span, S)
-    c_lo, c_hi = chunk_bounds(c_begin, c_end, chunk_c)
+    c_lo, c_hi = chunk_bounds(c_begin, c_end, CHUNK_C)
     x_sample = X + n.to(tl.int64) * C * S
     dy_sample = DY + n.to(tl.int64) * C * S
     dx_sample = DX + n.to(tl.int64) * C * S

@@ -64,15 +64,16 @@ def _gn_fwd_fused_kernel(
 
 @triton.jit
 def _gn_fwd_partial_stats_kernel(
-    X, Partials, block_offset, C, S, G, Cg, span, SPANS, chunk_c,  # Partials: (N*G, SPANS, 4)
+    X, Partials, block_offset, C, S, G, Cg, span, SPANS,  # Partials: (N*G, SPANS, 4)
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
+    CHUNK_C: tl.constexpr,
 ):  # fmt: skip
     """Count, mean and M2 of x - reference over one (chunk, span) piece, and the reference, at
     Partials[n*G + group, chunk*spans + span]."""
     n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
     s_begin, s_end = span_bounds(j, span, S)
-    c_lo, c_hi = chunk_bounds(c_begin, c_end, chunk_c)
+    c_lo, c_hi = chunk_bounds(c_begin, c_end, CHUNK_C)
     x_sample = X + n.to(tl.int64) * C * S
 
     pilot = load_pilot(x_sample, c_begin, c_end, Cg, C, S, R, LAYOUT, ACC)
@@ -90,11 +91,10 @@ def _gn_fwd_partial_stats_kernel(
 
 @triton.jit
 def _gn_fwd_split_apply_kernel(
-    X, Y, W, B, Scale, Shift, Partials, Mean, MeanLo, Rstd, block_offset, C, S, G, Cg, span, SPANS, chunk_c,
-    eps_hi, eps_lo,
-    BLOCK_SPANS: tl.constexpr,  # spans merged per step
+    X, Y, W, B, Scale, Shift, Partials, Mean, MeanLo, Rstd, block_offset, C, S, G, Cg, span, SPANS, eps_hi, eps_lo,
+    BLOCK_SPANS: tl.constexpr,  # pieces merged per step
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
+    EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr, CHUNK_C: tl.constexpr,
 ):  # fmt: skip
     n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
@@ -132,7 +132,7 @@ def _gn_fwd_split_apply_kernel(
     if (j == 0) & (tl.program_id(2) == 0):
         store_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask, mean_hi, mean_lo, rstd)
     s_begin, s_end = span_bounds(j, span, S)
-    c_lo, c_hi = chunk_bounds(c_begin, c_end, chunk_c)
+    c_lo, c_hi = chunk_bounds(c_begin, c_end, CHUNK_C)
     write_span(
         x_sample, y_sample, W, B, Scale + n * C, Shift + n * C, mean_hi, mean_lo, rstd, c_lo, c_hi,
         s_begin, s_end, C, S, Cg, R, BLOCK_C, BLOCK_S, EPILOGUE, LAYOUT, ACC,

@@ -125,8 +125,8 @@ def kernel_variants(direction, p, plan):
     if plan.split == 1:
         return {("fused", *base)}
     span, split = plan.span(p.S)
-    chunk_c, chunks = plan.chunk(p)  # the forward's SPANS counts (chunk, span) pieces
-    return {("split", *base, spec(offset), spec(span), spec(split), spec(split * chunks), spec(chunk_c))
+    chunks = plan.chunk(p)[1]  # the forward's SPANS counts (chunk, span) pieces
+    return {("split", *base, plan.chunk_constexpr(p), spec(offset), spec(span), spec(split), spec(split * chunks))
             for offset, _ in plan.waves(p)}  # fmt: skip
 
 
