@@ -11,10 +11,11 @@ with a [R, BLOCK_C] membership mask and `tl.where`, never a multiply, so that a 
 reaches another.
 
 Numerics: every load is upcast to ACC (fp32, or fp64 for fp64 input). Statistics are taken of
-`x - pilot`, where `pilot` is the first element of the group: for data with a large common offset,
-`x - pilot` is exact and small, so the mean of the row is carried as an fp32 pair `mean_hi + mean_lo`
-and the normalisation `(x - mean_hi) - mean_lo` loses nothing to the
-quantisation of a large fp32 mean. Main loops accumulate per lane (each thread sums its own elements,
+`x - reference`, where the reference is a value inside the group's data (group_reference: the group's
+first element, its `pilot`, plus the mean of x - pilot over its first tile row): for data with a large
+common offset, `x - reference` is exact and small, so the mean of the row is carried as an fp32 pair
+`mean_hi + mean_lo` and the normalisation `(x - mean_hi) - mean_lo` loses nothing to the
+quantisation of a large fp32 mean; a first element far from the rest costs nothing either. Main loops accumulate per lane (each thread sums its own elements,
 no reduction, barrier or shuffle inside a loop over elements) and reduce once after the loop; the
 statistics sum `x - shift` with a shift inside the data (shifted_stats), and the split paths' partials
 are merged with Chan's parallel update, never as E[x^2] - E[x]^2.
@@ -440,10 +441,11 @@ def group_reference(
     x_sample, pilot, c_begin, c_end, Cg, C, S, R: tl.constexpr, BLOCK_S: tl.constexpr, LAYOUT: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
-    """A value inside each of the R groups' data for the split path's partial statistics: the pilot plus
-    the mean of x - pilot over the group's first BLOCK_S positions of its first channel (the fused
-    path's shift of the group). Partials relative to it keep their means small, so they merge without
-    the rounding of a large x - pilot (a first element far from the rest)."""
+    """A value inside each of the R groups' data that the statistics are taken relative to (passed to
+    shifted_stats as its pilot): the pilot plus the mean of x - pilot over the group's first BLOCK_S
+    positions of its first channel. The mean relative to it stays small, and so do the split path's
+    partial means, which merge without the rounding of a large x - pilot (a first element far from
+    the rest)."""
     first, channels = group_channels(c_begin, c_end, Cg, R)
     s = tl.arange(0, BLOCK_S)
     mask = (channels > 0)[:, None] & (s < S)[None, :]
