@@ -15,10 +15,11 @@ Numerics: every load is upcast to ACC (fp32, or fp64 for fp64 input). Statistics
 first element, its `pilot`, plus the mean of x - pilot over its first tile row): for data with a large
 common offset, `x - reference` is exact and small, so the mean of the row is carried as an fp32 pair
 `mean_hi + mean_lo` and the normalisation `(x - mean_hi) - mean_lo` loses nothing to the
-quantisation of a large fp32 mean; a first element far from the rest costs nothing either. Main loops accumulate per lane (each thread sums its own elements,
-no reduction, barrier or shuffle inside a loop over elements) and reduce once after the loop; the
-statistics sum `x - shift` with a shift inside the data (shifted_stats), and the split paths' partials
-are merged with Chan's parallel update, never as E[x^2] - E[x]^2.
+quantisation of a large fp32 mean; a first element far from the rest costs nothing either. Main
+loops accumulate per lane (each thread sums its own elements, no reduction, barrier or shuffle inside
+a loop over elements) and reduce once after the loop; the statistics sum `x - shift` with a shift
+inside the data (shifted_stats), and the split paths' partials are merged with Chan's parallel
+update, never as E[x^2] - E[x]^2.
 
 Kernel arguments: a name means the same in every kernel.
   X, DY           (N, C, S) input and output gradient; Y, DX: outputs in X's dtype and layout
