@@ -219,7 +219,7 @@ def predict(direction: str, p, plan, device: DeviceModel) -> Prediction:
         second = miss * tensor * reads
         programs, waves = blocks, 1
     else:
-        spans = plan.span(p.S)[1]
+        spans = plan.span(p.S)[1] * plan.chunk(p)[1]  # (span, chunk) pieces per block
         counts = [count for _, count in plan.waves(p)]
         second = sum(max(0.0, 1 - budget / (c * block_read)) * c * block_read for c in counts)
         programs, waves = max(counts) * spans, len(counts)

@@ -104,12 +104,13 @@ def _launch_fwd(x, y, affine: Affine, mean, mean_lo, rstd, eps, p: Problem, plan
     w, b, scale, shift = affine.pointers(x)
     sizes, eps_pair = (p.C, p.S, p.G, p.Cg), _eps_pair(eps)
     span, spans = plan.span(p.S)  # one span (spans = 1) on the fused path
-    partials = torch.empty((p.rows, spans, 3), dtype=mean.dtype, device=x.device) if plan.split > 1 else None
+    pieces = spans * plan.chunk(p)[1]  # one partial per group and (chunk, span) piece
+    partials = torch.empty((p.rows, pieces, 4), dtype=mean.dtype, device=x.device) if plan.split > 1 else None
     _run(plan_launches("fwd", p, plan), {
         "_gn_fwd_fused_kernel": lambda _: (x, y, w, b, scale, shift, mean, mean_lo, rstd, *sizes, *eps_pair),
-        "_gn_fwd_partial_stats_kernel": lambda offset: (x, partials, offset, *sizes, span, spans),
+        "_gn_fwd_partial_stats_kernel": lambda offset: (x, partials, offset, *sizes, span, pieces),
         "_gn_fwd_split_apply_kernel": lambda offset: (
-            x, y, w, b, scale, shift, partials, mean, mean_lo, rstd, offset, *sizes, span, spans, *eps_pair),
+            x, y, w, b, scale, shift, partials, mean, mean_lo, rstd, offset, *sizes, span, pieces, *eps_pair),
     })  # fmt: skip
 
 

@@ -5,9 +5,9 @@ and the tests read.
     plan_launches("bwd", problem, plan, needs) -> [Launch("_gn_bwd_partial_sums_kernel", (12, 32), {...}), ...]
 
 Forward: fused, one launch of a block per program; split, per wave a partial-statistics launch and
-an apply launch over (blocks of the wave, spans). Backward: fused, one launch; split, per wave a
-partial-sums launch and (when dx is needed) a dx launch; then a small reduction for dweight/dbias
-and one for dscale/dshift, each only when one of its gradients is needed.
+an apply launch over (blocks of the wave, spans, channel chunks). Backward: fused, one launch; split,
+per wave a partial-sums launch and (when dx is needed) a dx launch on the same grid; then a small
+reduction for dweight/dbias and one for dscale/dshift, each only when one of its gradients is needed.
 """
 
 from __future__ import annotations
@@ -44,24 +44,27 @@ def plan_launches(direction: str, p: Problem, plan: Plan, needs: Sequence[bool] 
     if direction == "fwd":
         if plan.split == 1:
             return [Launch("_gn_fwd_fused_kernel", (plan.blocks(p),), flags)]
-        spans = plan.span(p.S)[1]
-        stats, apply = dict(plan.meta(), **p.base_flags()), dict(flags, BLOCK_SPANS=merge_step(spans))
+        spans, chunks = plan.span(p.S)[1], plan.chunk(p)[1]
+        stats = dict(plan.meta(), **p.base_flags(), CHUNK_C=plan.chunk_constexpr(p))
+        apply = dict(flags, BLOCK_SPANS=merge_step(spans * chunks), CHUNK_C=plan.chunk_constexpr(p))
         return [launch for offset, count in plan.waves(p)
-                for launch in (Launch("_gn_fwd_partial_stats_kernel", (count, spans), stats, offset),
-                               Launch("_gn_fwd_split_apply_kernel", (count, spans), apply, offset))]  # fmt: skip
+                for launch in (Launch("_gn_fwd_partial_stats_kernel", (count, spans, chunks), stats, offset),
+                               Launch("_gn_fwd_split_apply_kernel", (count, spans, chunks), apply,
+                                      offset))]  # fmt: skip
     needs_partials = needs_dw or needs_db or needs_dscale or needs_dshift
     if plan.split == 1:
         spans = 1
         out = [Launch("_gn_bwd_fused_kernel", (plan.blocks(p),),
                       dict(flags, NEEDS_DX=needs_dx, NEEDS_PARTIALS=needs_partials))]  # fmt: skip
     else:
-        spans = plan.span(p.S)[1]
-        dx = dict(flags, BLOCK_SPANS=merge_step(spans))
+        spans, chunks = plan.span(p.S)[1], plan.chunk(p)[1]
+        sums = dict(flags, CHUNK_C=plan.chunk_constexpr(p))
+        dx = dict(sums, BLOCK_SPANS=merge_step(spans))
         out = []
         for offset, count in plan.waves(p):
-            out.append(Launch("_gn_bwd_partial_sums_kernel", (count, spans), flags, offset))
+            out.append(Launch("_gn_bwd_partial_sums_kernel", (count, spans, chunks), sums, offset))
             if needs_dx:
-                out.append(Launch("_gn_bwd_split_dx_kernel", (count, spans), dx, offset))
+                out.append(Launch("_gn_bwd_split_dx_kernel", (count, spans, chunks), dx, offset))
     return out + _parameter_grad_launches(p, (needs_dw, needs_db, needs_dscale, needs_dshift), flags["ACC"])
 
 
@@ -94,12 +97,15 @@ PARTS = {
 
 def plan_part_launches(part: str, p: Problem, plan: Plan, needs: Sequence[bool] = (False,) * 4) -> list[Launch]:
     """The launches of one part (a key of PARTS) with `plan` (fitted to p): per wave, its kernel over
-    (blocks of the wave, spans); "grad_sums" then reduces the sums into the parameters' gradients that
+    (blocks of the wave, spans[, channel chunks]); "grad_sums" then reduces the sums into the parameters' gradients that
     `needs` asks for (dweight, dbias, dscale, dshift)."""
     plan = plan.fit(p)
     flags = dict(plan.meta(), **(p.base_flags() if part == "stats" else p.flags()))
-    spans = plan.span(p.S)[1]
-    out = [Launch(PARTS[part], (count, spans), flags, offset) for offset, count in plan.waves(p)]
+    grid = (plan.span(p.S)[1],)
+    if part in ("stats", "grad_sums"):  # these walk a group's channels in the plan's chunks
+        flags["CHUNK_C"] = plan.chunk_constexpr(p)
+        grid += (plan.chunk(p)[1],)
+    out = [Launch(PARTS[part], (count, *grid), flags, offset) for offset, count in plan.waves(p)]
     if part == "grad_sums":
         out += _parameter_grad_launches(p, needs, flags["ACC"])
     return out

@@ -57,7 +57,7 @@ def _plan(direction: str, p: Problem, x: torch.Tensor) -> Plan:
 
 def group_stats(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, ...]:
     """(count, mean, mean_lo, m2) of each (n, g) of x: the partial-statistics kernel over the plan's
-    spans (relative to each group's first element, the pilot), merged here."""
+    pieces (each relative to its own reference value), merged here."""
     N, C = x.shape[:2]
     dtype = stats_dtype(x)
     count = torch.zeros((N, num_groups), dtype=torch.int64, device=x.device)
@@ -68,15 +68,17 @@ def group_stats(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, ...]:
     p = Problem.of(x, num_groups, Affine(None, None))
     plan = _plan("fwd", p, x)
     span, spans = plan.span(p.S)
-    partials = torch.empty((p.rows, spans, 3), dtype=dtype, device=x.device)
+    chunk_c, chunks = plan.chunk(p)
+    # One partial per group and (chunk, span) piece: count, mean and M2 of x - reference, the reference.
+    partials = torch.empty((p.rows, chunks * spans, 4), dtype=dtype, device=x.device)
     sizes = (p.C, p.S, p.G, p.Cg)
     _run(plan_part_launches("stats", p, plan), {
-        "_gn_fwd_partial_stats_kernel": lambda offset: (x, partials, offset, *sizes, span, spans)})  # fmt: skip
-    # The exact count of each span (the workspace's is in the accumulator dtype).
+        "_gn_fwd_partial_stats_kernel": lambda offset: (x, partials, offset, *sizes, span, chunks * spans)})
+    # The exact count of each piece (the workspace's is in the accumulator dtype).
     lengths = torch.clamp(p.S - span * torch.arange(spans, device=x.device), max=span)
-    span_count = (p.Cg * lengths).to(torch.float64).expand(p.rows, spans)
-    pilot = x[(slice(None), slice(None, None, p.Cg)) + (0,) * (x.dim() - 2)].reshape(p.rows, 1)
-    total, ref, delta, m2 = merge(span_count, pilot.expand(p.rows, spans), partials[..., 1], partials[..., 2], 1)
+    widths = torch.clamp(p.Cg - chunk_c * torch.arange(chunks, device=x.device), max=chunk_c)
+    piece_count = (widths[:, None] * lengths[None, :]).reshape(-1).to(torch.float64).expand(p.rows, -1)
+    total, ref, delta, m2 = merge(piece_count, partials[..., 3], partials[..., 1], partials[..., 2], 1)
     mean, mean_lo = as_pair(ref, delta, dtype)
     count += p.Cg * p.S
     return count, mean.reshape(N, num_groups), mean_lo.reshape(N, num_groups), m2.to(dtype).reshape(N, num_groups)

@@ -114,7 +114,9 @@ class Problem:
 class Plan:
     """How a call is cut into programs. A program owns a block of `groups_per_program` groups of one
     sample; split: programs per block along positions (1 = fused path, one launch); block_c x block_s:
-    the tile; wave_blocks: blocks per wave of the split path (0: all at once)."""
+    the tile; wave_blocks: blocks per wave of the split path (0: all at once); chunks: the split path
+    also cuts a group's channels into this many chunks (NCHW, one group per program), so that a group
+    of 10 channels runs in 2-row tiles over long spans instead of 16-row tiles with 6 rows masked."""
 
     split: int = 1
     groups_per_program: int = 1
@@ -122,6 +124,7 @@ class Plan:
     block_s: int = 256
     num_warps: int = 4
     wave_blocks: int = 0
+    chunks: int = 1
 
     def blocks(self, p: Problem) -> int:
         return p.blocks(self.groups_per_program)
@@ -134,6 +137,32 @@ class Plan:
         """(positions per span, number of spans): spans are whole tiles, none of them empty."""
         span = triton.cdiv(triton.cdiv(S, self.split), self.block_s) * self.block_s
         return span, triton.cdiv(S, span)
+
+    def chunk(self, p: Problem) -> tuple[int, int]:
+        """(channels per chunk, chunks per block): the channels of a block one program of the split path
+        walks (the whole block when chunks is 1) and how many such programs a span has."""
+        if self.chunks == 1:
+            return self.groups_per_program * p.Cg, 1
+        chunk_c = triton.cdiv(p.Cg, self.chunks)
+        return chunk_c, triton.cdiv(p.Cg, chunk_c)
+
+    def chunk_constexpr(self, p: Problem) -> int:
+        """The split kernels' CHUNK_C: channels per chunk, 0 for one chunk (the whole block)."""
+        chunk_c, chunks = self.chunk(p)
+        return chunk_c if chunks > 1 else 0
+
+    def valid_share(self, p: Problem) -> float:
+        """The share of the lanes of the plan's tiles that hold data. A program walks its chunk of the
+        block's channels in block_c rows and its span's positions in block_s columns; rows past the
+        chunk's channels and columns past the span's end are masked, yet issue their instructions."""
+        channels = min(self.groups_per_program * p.Cg, p.C)
+        chunk_c, chunks = self.chunk(p)
+        last = channels - (chunks - 1) * chunk_c
+        rows = (chunks - 1) * triton.cdiv(chunk_c, self.block_c) * self.block_c
+        rows += triton.cdiv(last, self.block_c) * self.block_c
+        span, spans = self.span(p.S)
+        columns = (spans - 1) * span + triton.cdiv(p.S - (spans - 1) * span, self.block_s) * self.block_s
+        return channels * p.S / (rows * columns)
 
     def waves(self, p: Problem) -> Iterator[tuple[int, int]]:
         """(first block, block count) of each wave."""
@@ -151,7 +180,11 @@ class Plan:
             groups = MAX_TENSOR_NUMEL // max(block_c, 16)
             block_c = min(block_c, triton.next_power_of_2(groups * p.Cg))
         block_s = min(self.block_s, MAX_TENSOR_NUMEL // block_c)
-        fitted = dataclasses.replace(self, split=split, groups_per_program=groups, block_c=block_c, block_s=block_s)
+        chunks = 1
+        if split > 1 and groups == 1 and not p.channels_last:  # chunks that all hold channels
+            chunks = triton.cdiv(p.Cg, triton.cdiv(p.Cg, max(1, min(self.chunks, p.Cg, _MAX_GRID_Y))))
+        fitted = dataclasses.replace(self, split=split, groups_per_program=groups, block_c=block_c, block_s=block_s,
+                                     chunks=chunks)  # fmt: skip
         wave = self.wave_blocks if 0 < self.wave_blocks < fitted.blocks(p) else 0
         return dataclasses.replace(fitted, wave_blocks=wave)
 

@@ -39,7 +39,7 @@ def device_info(device: torch.device) -> tuple[int, int]:
     return props.multi_processor_count, props.L2_cache_size
 
 
-def _tile(p: Problem, groups: int, elems: int, split: int) -> tuple[int, int]:
+def _tile(p: Problem, groups: int, elems: int, split: int, chunks: int = 1) -> tuple[int, int]:
     """(block_c, block_s) of about `elems` elements, long along the layout's contiguous axis, and
     short enough along positions that a block splits into `split` spans."""
     channels = min(p.Cg * groups, p.C)
@@ -55,23 +55,21 @@ def _tile(p: Problem, groups: int, elems: int, split: int) -> tuple[int, int]:
             divisor = channels & -channels
             block_c = min(128, divisor) if divisor >= 32 else 128
         return block_c, min(positions, max(1, elems // block_c))
-    return _nchw_tile(p, channels, positions, elems, split)
+    return _nchw_tile(p, Plan(split, groups, chunks=chunks), positions, elems)
 
 
-def _nchw_tile(p: Problem, channels: int, positions: int, elems: int, split: int) -> tuple[int, int]:
-    """NCHW: of the tiles of elems/2 to elems elements (128-bit loads at the plan's warps), the one
-    whose lanes hold data most often (rows past the block's channels and columns past a span's end
-    are masked, yet issue their instructions), then the largest; the longest rows of `elems` when
-    none is that large (short rows)."""
+def _nchw_tile(p: Problem, plan: Plan, positions: int, elems: int) -> tuple[int, int]:
+    """NCHW: of the tiles of 512 (or elems/2 if less) to elems elements, the one whose lanes hold data
+    most often (Plan.valid_share: rows past a chunk's channels and columns past a span's end are
+    masked, yet issue their instructions), then the largest; the longest rows of `elems` when none is
+    that large (short rows). The plan's warps follow the tile (_make_plan)."""
+    channels = plan.chunk(p)[0] if plan.chunks > 1 else min(p.Cg * plan.groups_per_program, p.C)
     best, best_key = None, None
     block_s = min(positions, elems)
     while block_s >= 16:
-        span = triton.cdiv(triton.cdiv(p.S, split), block_s) * block_s
-        spans = triton.cdiv(p.S, span)
-        columns = (spans - 1) * span + triton.cdiv(p.S - (spans - 1) * span, block_s) * block_s
         block_c = min(triton.next_power_of_2(channels), elems // block_s)
-        while block_c >= 1 and block_c * block_s >= elems // 2:
-            valid = channels * p.S / (triton.cdiv(channels, block_c) * block_c * columns)
+        while block_c >= 1 and block_c * block_s >= min(elems // 2, 512):
+            valid = dataclasses.replace(plan, block_c=block_c, block_s=block_s).valid_share(p)
             key = (round(valid * 20), block_c * block_s, block_s)  # valid share in steps of 5%
             if best_key is None or key > best_key:
                 best, best_key = (block_c, block_s), key
@@ -83,13 +81,34 @@ def _nchw_tile(p: Problem, channels: int, positions: int, elems: int, split: int
     return best
 
 
+def _chunk_options(p: Problem, split: int, groups: int) -> list[tuple[int, int]]:
+    """(spans, chunks) of a block's programs worth considering: the split itself, and on the NCHW split
+    path with one group per program, the group's channels cut into chunks of 1, 2, 4, ... channels
+    (each a power of two dividing Cg, so that tile rows divide it) over about split / chunks spans."""
+    options = [(split, 1)]
+    if split > 1 and groups == 1 and not p.channels_last:
+        chunk_c = 1
+        while chunk_c < p.Cg and p.Cg % chunk_c == 0:
+            chunks = p.Cg // chunk_c
+            options.append((max(2, triton.cdiv(split, chunks)), chunks))
+            chunk_c *= 2
+    return options
+
+
 def _make_plan(p: Problem, split: int, groups: int, elems: int, num_warps: int, wave_blocks: int) -> Plan:
-    block_c, block_s = _tile(p, groups, elems, split)
-    if not p.channels_last and block_s >= 256:
-        # A smaller NCHW tile (no masked rows) keeps the elements per thread when its rows are long;
-        # shorter rows keep the warps (fewer rows per thread: perf.static_report --loops counts less).
-        num_warps = max(1, min(num_warps, num_warps * block_c * block_s // elems))
-    return Plan(split, groups, block_c, block_s, num_warps, wave_blocks).fit(p)
+    best, best_key = None, None
+    for spans, chunks in _chunk_options(p, split, groups):
+        block_c, block_s = _tile(p, groups, elems, spans, chunks)
+        plan = Plan(spans, groups, block_c, block_s, num_warps, wave_blocks, chunks).fit(p)
+        key = (round(plan.valid_share(p) * 20), block_c * block_s, -chunks)  # as _nchw_tile, then fewer chunks
+        if best_key is None or key > best_key:
+            best, best_key = plan, key
+    if not p.channels_last:
+        # A smaller NCHW tile (fewer masked lanes) keeps the elements per thread: fewer warps (a loop
+        # over 8 elements a thread costs ~0.3 instructions per element more than one over 16).
+        warps = max(1, min(num_warps, num_warps * best.block_c * best.block_s // elems))
+        best = dataclasses.replace(best, num_warps=warps)
+    return best
 
 
 def _block_bytes(direction: str, p: Problem, groups: int) -> int:

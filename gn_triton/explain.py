@@ -67,11 +67,12 @@ def describe(direction: str, p: Problem, plan: Plan, pred: Prediction, device: D
         path = (f"fused: 1 launch of {plural(pred.programs, 'program')} "
                 f"(a block of {plural(plan.groups_per_program, 'group')} each)")  # fmt: skip
     else:
-        spans = plan.span(p.S)[1]
+        spans, chunks = plan.span(p.S)[1], plan.chunk(p)[1]
         plan = dataclasses.replace(plan, split=spans)  # the programs a block actually runs on
+        pieces = plural(spans, "span") + (f" x {plural(chunks, 'channel chunk')}" if chunks > 1 else "")
         path = (
-            f"split: {plural(pred.waves, 'wave')} of {plural(pred.programs // spans, 'block')} x "
-            f"{plural(spans, 'span')} = {plural(pred.programs, 'program')} per launch, 2 launches per wave"
+            f"split: {plural(pred.waves, 'wave')} of {plural(pred.programs // (spans * chunks), 'block')} x "
+            f"{pieces} = {plural(pred.programs, 'program')} per launch, 2 launches per wave"
         )
     kernels = Counter(launch.kernel for launch in plan_launches(direction, p, plan))
     return [

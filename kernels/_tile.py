@@ -11,13 +11,15 @@ with a [R, BLOCK_C] membership mask and `tl.where`, never a multiply, so that a 
 reaches another.
 
 Numerics: every load is upcast to ACC (fp32, or fp64 for fp64 input). Statistics are taken of
-`x - pilot`, where `pilot` is the first element of the group: for data with a large common offset,
-`x - pilot` is exact and small, so the mean of the row is carried as an fp32 pair `mean_hi + mean_lo`
-and the normalisation `(x - mean_hi) - mean_lo` loses nothing to the
-quantisation of a large fp32 mean. Main loops accumulate per lane (each thread sums its own elements,
-no reduction, barrier or shuffle inside a loop over elements) and reduce once after the loop; the
-statistics sum `x - shift` with a shift inside the data (shifted_stats), and the split paths' partials
-are merged with Chan's parallel update, never as E[x^2] - E[x]^2.
+`x - reference`, where the reference is a value inside the group's data (group_reference: the group's
+first element, its `pilot`, plus the mean of x - pilot over its first tile row): for data with a large
+common offset, `x - reference` is exact and small, so the mean of the row is carried as an fp32 pair
+`mean_hi + mean_lo` and the normalisation `(x - mean_hi) - mean_lo` loses nothing to the
+quantisation of a large fp32 mean; a first element far from the rest costs nothing either. Main
+loops accumulate per lane (each thread sums its own elements, no reduction, barrier or shuffle inside
+a loop over elements) and reduce once after the loop; the statistics sum `x - shift` with a shift
+inside the data (shifted_stats), and the split paths' partials are merged with Chan's parallel
+update, never as E[x^2] - E[x]^2.
 
 Kernel arguments: a name means the same in every kernel.
   X, DY           (N, C, S) input and output gradient; Y, DX: outputs in X's dtype and layout
@@ -26,8 +28,10 @@ Kernel arguments: a name means the same in every kernel.
   DW, DB, DScale, DShift   their gradients, each in its tensor's dtype; written only where NEEDS_* asks
   Mean, MeanLo    (N, G) in ACC: the group mean rounded to ACC and the rounding residual; Rstd, (N, G)
                   1/sqrt(var + eps); eps_hi + eps_lo = eps (fp32 each, see finalize_stats)
-  Partials        the split paths' workspace in ACC: forward (N*G, SPANS, 3), backward (N, C, SPANS, 2),
+  Partials        the split paths' workspace in ACC: forward (N*G, SPANS, 4), backward (N, C, SPANS, 2),
                   read and written through its accessors below; SPANS spans of `span` positions each
+                  (the forward's SPANS counts (chunk, span) pieces: chunks x spans)
+  CHUNK_C         the split paths' channels per program (chunk_bounds, program axis 2; 0: the block's)
   block_offset    the first block of this launch's wave (split paths)
   R, BLOCK_C, BLOCK_S   the plan: groups per program and the tile
   EPILOGUE, LAYOUT      the constexpr bundles below; ACC: the accumulator dtype (fp32, fp64 for fp64)
@@ -86,6 +90,18 @@ def span_bounds(j, span, S):
     """Positions [s_begin, s_end) of span j (s_begin + span may pass 2^31: the end is formed without it)."""
     s_begin = j * span
     return s_begin, s_begin + tl.minimum(span, S - s_begin)
+
+
+@triton.jit
+def chunk_bounds(c_begin, c_end, CHUNK_C: tl.constexpr):
+    """Channels [c_lo, c_hi) of the chunk of this program (program axis 2) of a block's channels
+    [c_begin, c_end): the split path may cut a group's channels into chunks of CHUNK_C (NCHW, one
+    group per program) so that its tiles' rows divide them; CHUNK_C = 0: the whole block. A constexpr,
+    so that the compiler still sees the channels' alignment (channels_last loads stay vectorised)."""
+    if CHUNK_C == 0:
+        return c_begin, c_end
+    c_lo = c_begin + tl.program_id(2) * CHUNK_C
+    return c_lo, tl.minimum(c_lo + CHUNK_C, c_end)
 
 
 @triton.jit
@@ -398,27 +414,44 @@ def dx_coefficients(dzw_sum, dzw_xc_sum, mean_lo, rstd, group_size):
 
 @triton.jit
 def partial_stats(Partials, row, j, SPANS):
-    """Pointers to the count, mean and M2 of span j of group row `row` (n*G + group, int64) in the
-    forward's workspace Partials (N*G, SPANS, 3)."""
-    base = Partials + (row * SPANS + j) * 3
-    return base, base + 1, base + 2
+    """Pointers to the count, mean, M2 and reference of piece j of group row `row` (n*G + group, int64)
+    in the forward's workspace Partials (N*G, SPANS, 4): mean and M2 of x - reference."""
+    base = Partials + (row * SPANS + j) * 4
+    return base, base + 1, base + 2, base + 3
 
 
 @triton.jit
 def group_partials(Partials, row, SPANS):
-    """Where the spans of group row(s) `row` start in the forward's workspace, for loops over the spans
-    (span_stats): the row's offset is then formed once, outside the loop."""
-    return Partials + row * SPANS * 3
+    """Where the pieces of group row(s) `row` start in the forward's workspace, for loops over the
+    pieces (span_stats): the row's offset is then formed once, outside the loop."""
+    return Partials + row * SPANS * 4
 
 
 @triton.jit
 def span_stats(spans, gid_mask, k0, SPANS, BLOCK_SPANS: tl.constexpr):
-    """Pointers to the count, mean and M2 of spans k0 .. k0 + BLOCK_SPANS - 1 of the groups at `spans`
-    (group_partials, [R, 1]), and the mask of those that exist: [R, BLOCK_SPANS] each."""
+    """Pointers to the count, mean, M2 and reference of pieces k0 .. k0 + BLOCK_SPANS - 1 of the groups
+    at `spans` (group_partials, [R, 1]), and the mask of those that exist: [R, BLOCK_SPANS] each."""
     k = k0 + tl.arange(0, BLOCK_SPANS)[None, :]
     k_mask = gid_mask[:, None] & (k < SPANS)
-    base = spans + k * 3
-    return base, base + 1, base + 2, k_mask
+    base = spans + k * 4
+    return base, base + 1, base + 2, base + 3, k_mask
+
+
+@triton.jit
+def group_reference(
+    x_sample, pilot, c_begin, c_end, Cg, C, S, R: tl.constexpr, BLOCK_S: tl.constexpr, LAYOUT: tl.constexpr,
+    ACC: tl.constexpr,
+):  # fmt: skip
+    """A value inside each of the R groups' data that the statistics are taken relative to (passed to
+    shifted_stats as its pilot): the pilot plus the mean of x - pilot over the group's first BLOCK_S
+    positions of its first channel. The mean relative to it stays small, and so do the split path's
+    partial means, which merge without the rounding of a large x - pilot (a first element far from
+    the rest)."""
+    first, channels = group_channels(c_begin, c_end, Cg, R)
+    s = tl.arange(0, BLOCK_S)
+    mask = (channels > 0)[:, None] & (s < S)[None, :]
+    head = tl.load(x_sample + tile_offsets(first, s, C, S, LAYOUT), mask=mask, other=0.0).to(ACC)
+    return pilot + tl.sum(tl.where(mask, head - pilot[:, None], 0.0), axis=1) / tl.minimum(S, BLOCK_S).to(ACC)
 
 
 @triton.jit

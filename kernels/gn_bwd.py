@@ -17,8 +17,9 @@ dweight/dbias are a fixed-order reduction of the workspace over n and spans
 Programs own blocks of R groups of one sample, as in the forward.
   fused: a program takes its groups' sums over all positions, then writes dx (the second read of
          x, dy hits L1/L2).
-  split: `_gn_bwd_partial_sums_kernel` writes per-span sums, `_gn_bwd_split_dx_kernel` merges the
-         block's spans in a fixed order and writes dx for its own span.
+  split: `_gn_bwd_partial_sums_kernel` writes per-span sums of its chunk's channels (a group's
+         channels may be cut into chunks, program axis 2, as in the forward), `_gn_bwd_split_dx_kernel`
+         merges the whole block's spans in a fixed order and writes dx for its own (chunk, span) piece.
 """
 
 import triton
@@ -28,6 +29,7 @@ from ._tile import (
     channel_affine,
     channel_grad_sums,
     channel_partials,
+    chunk_bounds,
     dx_coefficients,
     effective_weight,
     group_block,
@@ -91,34 +93,35 @@ def _gn_bwd_fused_kernel(
 def _gn_bwd_partial_sums_kernel(
     X, DY, W, B, Scale, Shift, Mean, MeanLo, Rstd, Partials, block_offset, C, S, G, Cg, span, SPANS,
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
+    EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr, CHUNK_C: tl.constexpr,
 ):  # fmt: skip
     """Per-(n, c, span) dz_sum, dz_xc_sum into Partials (N, C, SPANS, 2); W, B, Scale, Shift are read only
     with a fused activation (dz = dy*act'(z) needs z)."""
     n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
     s_begin, s_end = span_bounds(j, span, S)
+    c_lo, c_hi = chunk_bounds(c_begin, c_end, CHUNK_C)
     x_sample = X + n.to(tl.int64) * C * S
     dy_sample = DY + n.to(tl.int64) * C * S
     mean_hi, mean_lo, rstd = load_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask)
-    for c0 in range(c_begin, c_end, BLOCK_C):
+    for c0 in range(c_lo, c_hi, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         member = group_membership(c, c_begin, c_end, Cg, R)
         a, b = channel_affine(member, c, c < c_end, W, B, Scale + n * C, Shift + n * C, mean_lo, rstd, EPILOGUE, ACC)
         dz_sum, dz_xc_sum = channel_grad_sums(
-            x_sample, dy_sample, to_channels(member, mean_hi), a, b, c, c_end, s_begin, s_end, C, S, BLOCK_C,
+            x_sample, dy_sample, to_channels(member, mean_hi), a, b, c, c_hi, s_begin, s_end, C, S, BLOCK_C,
             BLOCK_S, EPILOGUE.ACTIVATION, LAYOUT, ACC,
         )  # fmt: skip
         dz_ptr, dz_xc_ptr = partial_sums(Partials, n.to(tl.int64) * C + c, j, SPANS)
-        tl.store(dz_ptr, dz_sum, mask=c < c_end)
-        tl.store(dz_xc_ptr, dz_xc_sum, mask=c < c_end)
+        tl.store(dz_ptr, dz_sum, mask=c < c_hi)
+        tl.store(dz_xc_ptr, dz_xc_sum, mask=c < c_hi)
 
 
 @triton.jit
 def _gn_bwd_split_dx_kernel(
     X, DY, DX, W, B, Scale, Shift, Mean, MeanLo, Rstd, Partials, block_offset, C, S, G, Cg, span, SPANS,
     BLOCK_SPANS: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
+    EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr, CHUNK_C: tl.constexpr,
 ):  # fmt: skip
     n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
     j = tl.program_id(1)
@@ -149,11 +152,12 @@ def _gn_bwd_split_dx_kernel(
 
     coef_x, coef_1 = dx_coefficients(dzw_sum, dzw_xc_sum, mean_lo, rstd, group_size(Cg, S, ACC))
     s_begin, s_end = span_bounds(j, span, S)
+    c_lo, c_hi = chunk_bounds(c_begin, c_end, CHUNK_C)
     x_sample = X + n.to(tl.int64) * C * S
     dy_sample = DY + n.to(tl.int64) * C * S
     dx_sample = DX + n.to(tl.int64) * C * S
     write_span(
-        x_sample, dx_sample, W, B, Scale + n * C, Shift + n * C, mean_hi, mean_lo, rstd, c_begin, c_end,
+        x_sample, dx_sample, W, B, Scale + n * C, Shift + n * C, mean_hi, mean_lo, rstd, c_lo, c_hi,
         s_begin, s_end, C, S, Cg, R, BLOCK_C, BLOCK_S, EPILOGUE, LAYOUT, ACC, dy_sample, coef_x, coef_1, BACKWARD=True,
     )  # fmt: skip
 

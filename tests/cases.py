@@ -68,6 +68,9 @@ PLANS = {
     "split 3, small tiles": dict(split=3, groups_per_program=1, block_c=2, block_s=8, wave_blocks=0),
     "split 2, waves of 3 blocks": dict(split=2, groups_per_program=2, block_c=4, block_s=8, wave_blocks=3),
     "split 3, 4 groups per program": dict(split=3, groups_per_program=4, block_c=4, block_s=4, wave_blocks=0),
+    # A group's channels cut into 2 chunks (NCHW; channels_last runs it unchunked): C/G = 3 gives chunks
+    # of 2 and 1 channels, C/G = 6 chunks of 3 in 2-row tiles (a masked row each).
+    "split 3, 2 channel chunks": dict(split=3, groups_per_program=1, block_c=2, block_s=8, wave_blocks=0, chunks=2),
     # Large tiles for rows of hundreds to thousands of positions (the numerics tests).
     "fused, large tiles": dict(split=1, groups_per_program=4, block_c=8, block_s=1024),
     "split 4, large tiles": dict(split=4, groups_per_program=4, block_c=8, block_s=64, wave_blocks=0),
@@ -80,6 +83,7 @@ PATHS = [
     "split 3, small tiles",
     "split 2, waves of 3 blocks",
     "split 3, 4 groups per program",
+    "split 3, 2 channel chunks",
 ]
 # One fused and one split plan, for tests that run both paths on short rows and on long ones.
 FUSED_AND_SPLIT = ["fused, 4 groups per program", "split 3, 4 groups per program"]

@@ -168,6 +168,7 @@ def run_gn_triton() -> Counter:
         "fused": dict(split=1, groups_per_program=2, block_c=4, block_s=64),
         "split": dict(split=3, groups_per_program=2, block_c=4, block_s=16, wave_blocks=0),
         "split in waves": dict(split=2, groups_per_program=1, block_c=2, block_s=32, wave_blocks=3),
+        "split in channel chunks": dict(split=2, groups_per_program=1, block_c=1, block_s=32, wave_blocks=0, chunks=2),
     }
     for dtype, memory_format in LAYOUTS:
         x = torch.randn(n, c, 12, 10, dtype=dtype).contiguous(memory_format=memory_format)

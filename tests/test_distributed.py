@@ -104,7 +104,9 @@ def test_patch_parallel_example_matches_one_process():
     assert float(proc.stdout.split("max difference")[1].split()[0]) < 1e-12, proc.stdout
 
 
-@pytest.mark.parametrize("plan", ["heuristic", "split 3, small tiles", "split 2, waves of 3 blocks"])
+@pytest.mark.parametrize(
+    "plan", ["heuristic", "split 3, small tiles", "split 2, waves of 3 blocks", "split 3, 2 channel chunks"]
+)
 @pytest.mark.parametrize(("dtype", "layout", "epilogue"), [
     (torch.float32, "contiguous", dict(activation="silu", scale=True, shift=True)),
     (torch.bfloat16, "channels_last", dict(activation="gelu")),
@@ -128,7 +130,9 @@ def _tiles(x: torch.Tensor, dim: int, sizes: list[int]) -> list[torch.Tensor]:
     return list(torch.split(x, sizes, dim))
 
 
-@pytest.mark.parametrize("plan", ["heuristic", "split 3, small tiles", "split 3, 4 groups per program"])
+@pytest.mark.parametrize(
+    "plan", ["heuristic", "split 3, small tiles", "split 3, 4 groups per program", "split 3, 2 channel chunks"]
+)
 @pytest.mark.parametrize(("dtype", "layout", "offset"), [
     (torch.float32, "contiguous", 0.0), (torch.float32, "channels_last", 1e4), (torch.bfloat16, "contiguous", 3.0),
     (torch.float64, "contiguous", 1e4)])  # fmt: skip

@@ -111,7 +111,7 @@ def test_batch1_splits_and_large_batches_fuse():
     p64 = Problem(64, 320, 64 * 64, 32, torch.float16, False, True, True)
     for direction in ("fwd", "bwd"):
         plan = _tuning.heuristic_plan(direction, p1, H100)
-        assert plan.split > 1 and plan.blocks(p1) * plan.span(p1.S)[1] >= 2 * H100.sms
+        assert plan.split > 1 and plan.blocks(p1) * plan.span(p1.S)[1] * plan.chunk(p1)[1] >= 2 * H100.sms
     assert _tuning.heuristic_plan("fwd", p64, H100).split == 1
 
 
@@ -125,7 +125,9 @@ def kernel_variants(direction, p, plan):
     if plan.split == 1:
         return {("fused", *base)}
     span, split = plan.span(p.S)
-    return {("split", *base, spec(offset), spec(span), spec(split)) for offset, _ in plan.waves(p)}
+    chunks = plan.chunk(p)[1]  # the forward's SPANS counts (chunk, span) pieces
+    return {("split", *base, plan.chunk_constexpr(p), spec(offset), spec(span), spec(split), spec(split * chunks))
+            for offset, _ in plan.waves(p)}  # fmt: skip
 
 
 def test_default_sweep_compiles_a_bounded_number_of_variants(monkeypatch):

@@ -108,22 +108,24 @@ from gn_triton._plan import Plan, Problem
 from perf import loop_report
 p = Problem(1, 320, 64 * 64, 32, torch.bfloat16, False, True, True)
 entries = [dict(direction=d, dtype="bf16", channels_last=False, plan=plan, aligned=True,
-                valid_share=loop_report.valid_share(p, plan), shapes=["1xC320 64x64 G32"], problem=p)
-           for d in ("fwd", "bwd") for plan in (Plan(1, 1, 1, 4096, 8), Plan(4, 1, 2, 1024, 8))]
+                valid_share=plan.valid_share(p), shapes=["1xC320 64x64 G32"], problem=p)
+           for d in ("fwd", "bwd")
+           for plan in (Plan(1, 1, 1, 4096, 8), Plan(4, 1, 2, 1024, 8), Plan(4, 1, 2, 1024, 4, chunks=5).fit(p))]
 print(json.dumps(loop_report.run(jobs=2, entries=entries), default=str))
 """
 
 
 def test_main_loops_are_lean():
-    """A fused and a split bf16 NCHW plan (sm_90, ahead of time): the statistics and gradient-sum
-    loops accumulate per lane (no barrier or shuffle inside), and every loop stays within the issue
-    budget's limits per valid element (perf/loop_report.py), with 128-bit loads and no spills."""
+    """A fused, a split and a channel-chunked split bf16 NCHW plan (sm_90, ahead of time): the statistics
+    and gradient-sum loops accumulate per lane (no barrier or shuffle inside), and every loop stays
+    within the issue budget's limits per valid element (perf/loop_report.py), with 128-bit loads and
+    no spills."""
     from perf import loop_report
 
     proc = python_without_interpreter("-c", LOOP_CHECK, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(proc.stdout.splitlines()[-1])
-    assert len(rows) == 4
+    assert len(rows) == 6
     for row in rows:
         assert "error" not in row and row["masked"] == 0.0, row
         assert loop_report.violations(row) == [], row
