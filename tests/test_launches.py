@@ -89,3 +89,23 @@ def test_the_cost_model_counts_the_tables_launches():
     # the dscale/dshift reduction is one more backward launch
     assert (_cost.predict("bwd", modulated, split, _cost.DEVICES["h100"]).launches
             == _cost.predict("bwd", plain, split, _cost.DEVICES["h100"]).launches + 1)  # fmt: skip
+
+
+def test_channel_chunks_are_the_split_grids_third_axis():
+    """A split plan with a group's channels in chunks runs (blocks, spans, chunks) programs, each with
+    the chunk's channels as CHUNK_C; the cost model counts them; channels_last and the fused path have
+    one chunk (CHUNK_C = 0, the whole block)."""
+    import dataclasses
+
+    from gn_triton._tuning import Plan, Problem
+
+    p = Problem(1, 320, 4096, 32, torch.bfloat16, False, True, True)
+    plan = Plan(split=4, block_c=2, block_s=1024, num_warps=4, chunks=5).fit(p)
+    assert plan.chunk(p) == (2, 5) and plan.valid_share(p) == 1.0
+    for direction in ("fwd", "bwd"):
+        split = [launch for launch in plan_launches(direction, p, plan) if "CHUNK_C" in launch.constexprs]
+        assert split and all(launch.grid == (32, 4, 5) and launch.constexprs["CHUNK_C"] == 2 for launch in split)
+        assert _cost.predict(direction, p, plan, _cost.DEVICES["h100"]).programs == 32 * 4 * 5
+    for other in (plan.fit(dataclasses.replace(p, channels_last=True)), dataclasses.replace(plan, split=1).fit(p)):
+        assert other.chunks == 1
+        assert all(launch.constexprs.get("CHUNK_C", 0) == 0 for launch in plan_launches("fwd", p, other))

@@ -115,6 +115,20 @@ def test_batch1_splits_and_large_batches_fuse():
     assert _tuning.heuristic_plan("fwd", p64, H100).split == 1
 
 
+def test_nchw_tiles_leave_few_lanes_masked():
+    """Every heuristic bf16 NCHW plan of the suites with aligned rows: at least 95% of its tiles' lanes
+    hold data (Plan.valid_share; perf.static_report --loops counts a masked lane's instructions per
+    valid element), in tiles of 512 elements or more. Groups of 10 channels (C320) at batch 1-4 run
+    on the split path in channel chunks, with no lane masked."""
+    for direction, p in suite_problems(dtypes=(torch.bfloat16,)):
+        if p.channels_last or p.C % 16 or p.S % 16:
+            continue
+        plan = _tuning.heuristic_plan(direction, p, H100)
+        assert plan.valid_share(p) >= 0.95 and plan.block_c * plan.block_s >= 512, (direction, p, plan)
+        if p.Cg == 10 and p.N <= 4:
+            assert plan.split > 1 and plan.chunks > 1 and plan.valid_share(p) == 1.0, (direction, p, plan)
+
+
 def kernel_variants(direction, p, plan):
     """Distinct compilations a plan triggers, as Triton specialises them: constexprs and warps, and
     each integer argument by ==1 and divisibility by 16 (a wave's first block included)."""
