@@ -362,7 +362,7 @@ def test_batch1_is_split_across_the_gpu():
         _tuning.device_info = lambda device: (132, 50 << 20)
         for direction in ("fwd", "bwd"):
             plan = _tuning.heuristic_plan(direction, p, torch.device("cuda"))
-            assert plan.split > 1 and plan.blocks(p) * plan.span(p.S)[1] >= 2 * 132
+            assert plan.split > 1 and plan.blocks(p) * plan.span(p.S)[1] * plan.chunk(p)[1] >= 2 * 132
         big = _tuning.Problem(64, 320, 64 * 64, 32, torch.float16, False, True, True)
         assert _tuning.heuristic_plan("fwd", big, torch.device("cuda")).split == 1
     finally:

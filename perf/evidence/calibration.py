@@ -18,7 +18,7 @@ from ..suites import SUITES, Shape
 from .job import Clock, Context, Job, autotune, error_status
 
 COLUMNS = ["problem", "N", "direction", "dtype", "layout", "role", "split", "groups_per_program", "block_c",
-           "block_s", "num_warps", "wave_blocks", "programs", "launches", "floor_bytes", "predicted_ms",
+           "block_s", "num_warps", "wave_blocks", "chunks", "programs", "launches", "floor_bytes", "predicted_ms",
            "predicted_traffic", "status", "ms", "gbps", "pct_copy_bw", "first_call_s"]  # fmt: skip
 MAX_CANDIDATES = 16
 
