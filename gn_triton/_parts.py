@@ -72,8 +72,10 @@ def group_stats(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, ...]:
     # One partial per group and (chunk, span) piece: count, mean and M2 of x - reference, the reference.
     partials = torch.empty((p.rows, chunks * spans, 4), dtype=dtype, device=x.device)
     sizes = (p.C, p.S, p.G, p.Cg)
-    _run(plan_part_launches("stats", p, plan), {
-        "_gn_fwd_partial_stats_kernel": lambda offset: (x, partials, offset, *sizes, span, chunks * spans)})
+    _run(
+        plan_part_launches("stats", p, plan),
+        {"_gn_fwd_partial_stats_kernel": lambda offset: (x, partials, offset, *sizes, span, chunks * spans)},
+    )
     # The exact count of each piece (the workspace's is in the accumulator dtype).
     lengths = torch.clamp(p.S - span * torch.arange(spans, device=x.device), max=span)
     widths = torch.clamp(p.Cg - chunk_c * torch.arange(chunks, device=x.device), max=chunk_c)
