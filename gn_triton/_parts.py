@@ -11,13 +11,14 @@ the same bits on every process).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from . import _tuning
 from ._activations import ACTIVATIONS
-from ._launch import _dense, _dense_params, _run, stats_dtype
+from ._launch import _dense, _dense_params, _run, empty_grads, stats_dtype
 from ._launches import plan_part_launches
 from ._plan import Affine, Plan, Problem, memory_format
 
@@ -58,9 +59,9 @@ def _plan(direction: str, p: Problem, x: torch.Tensor) -> Plan:
 def group_stats(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, ...]:
     """(count, mean, mean_lo, m2) of each (n, g) of x: the partial-statistics kernel over the plan's
     pieces (each relative to its own reference value), merged here."""
-    N, C = x.shape[:2]
+    N = x.shape[0]
     dtype = stats_dtype(x)
-    count = torch.zeros((N, num_groups), dtype=torch.int64, device=x.device)
+    count = torch.full((N, num_groups), (x.shape[1] // num_groups) * math.prod(x.shape[2:]), device=x.device)
     if x.numel() == 0:
         zeros = torch.zeros((N, num_groups), dtype=dtype, device=x.device)
         return count, zeros, zeros.clone(), zeros.clone()
@@ -80,9 +81,8 @@ def group_stats(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, ...]:
     lengths = torch.clamp(p.S - span * torch.arange(spans, device=x.device), max=span)
     widths = torch.clamp(p.Cg - chunk_c * torch.arange(chunks, device=x.device), max=chunk_c)
     piece_count = (widths[:, None] * lengths[None, :]).reshape(-1).to(torch.float64).expand(p.rows, -1)
-    total, ref, delta, m2 = merge(piece_count, partials[..., 3], partials[..., 1], partials[..., 2], 1)
+    _, ref, delta, m2 = merge(piece_count, partials[..., 3], partials[..., 1], partials[..., 2], 1)
     mean, mean_lo = as_pair(ref, delta, dtype)
-    count += p.Cg * p.S
     return count, mean.reshape(N, num_groups), mean_lo.reshape(N, num_groups), m2.to(dtype).reshape(N, num_groups)
 
 
@@ -110,12 +110,9 @@ def grad_sums(dy, x, num_groups: int, affine: Affine, mean, mean_lo, rstd, needs
     (N, C, 2), and the gradients of weight, bias, scale and shift from this x alone (those `needs` asks
     for, else empty tensors): (sums, dweight, dbias, dscale, dshift)."""
     N, C = x.shape[:2]
-    grads = tuple(
-        (torch.zeros_like(t, memory_format=torch.contiguous_format) if need and t is not None else x.new_empty(0))
-        for need, t in zip(needs, (affine.weight, affine.bias, affine.scale, affine.shift))
-    )
-    if x.numel() == 0:
-        return (torch.zeros((N, C, 2), dtype=torch.float64, device=x.device), *grads)
+    grads = empty_grads(x, affine, [False, *needs])[1:]
+    if x.numel() == 0:  # no positions: sums and gradients are zero
+        return (torch.zeros((N, C, 2), dtype=torch.float64, device=x.device), *(g.zero_() for g in grads))
     fmt = memory_format(x)
     x, dy = _dense(x, fmt), _dense(dy, fmt)
     affine = _dense_params(affine)
