@@ -285,18 +285,20 @@ def _bucket_key(direction: str, p: Problem, device: torch.device, needs: tuple) 
 
 _tuned: dict[tuple, Plan] = {}
 _override: dict | None = None
+override_key: tuple | None = None  # _override as a key of the launch programs planned under it (gn_triton._launch)
 
 
 @contextlib.contextmanager
 def override_plan(**fields) -> Iterator[None]:
     """Force plan fields (e.g. split=3, block_s=8) for the calls inside the block: tests use it to
     run the fused and split paths, and tile loops, on tiny shapes."""
-    global _override
-    previous, _override = _override, fields
+    global _override, override_key
+    previous = _override, override_key
+    _override, override_key = fields, tuple(sorted(fields.items()))
     try:
         yield
     finally:
-        _override = previous
+        _override, override_key = previous
 
 
 def autotune_enabled(device: torch.device) -> bool:

@@ -3,6 +3,11 @@ every torch.func transform), and the same backward registered on the forward op 
 (torch.library.register_autograd), so a graph that calls `gn_triton::group_norm_fwd` directly (what
 the torch.compile fusion pass inserts) differentiates through gn_triton's backward op.
 
+The plain eager call (`run`: no torch.func transform, forward-mode AD, torch function or dispatch mode,
+or tensor subclass; see `eager`) takes a shorter route to the same kernels: the launch programs of
+gn_triton._launch called directly, without the custom ops' dispatch, and without an autograd.Function
+at all when nothing needs a gradient (EagerGroupNorm otherwise). docs/host-path.md has its costs.
+
 torch.func: the Function has setup_context (so grad, vjp and jacrev apply) and generate_vmap_rule:
 vmap runs its forward, backward and jvp under vmap, and the ops' batching rules (gn_triton._ops)
 fold the vmapped dimension into the batch N. Forward mode (jvp, torch.autograd.forward_ad) is the
@@ -16,11 +21,14 @@ tangent with forward mode again (jacfwd(jacfwd(f))) raises a RuntimeError, never
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-from torch._C._functorch import TransformType
+import torch.autograd.forward_ad
+from torch._C._functorch import TransformType, peek_interpreter_stack
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-from . import _activations, _ops
+from . import _activations, _checks, _launch, _ops
 
 
 def _backward(ctx, grad_out, backward_op=_ops.group_norm_bwd):
@@ -187,3 +195,60 @@ def _op_backward(ctx, grad_y, _grad_mean, _grad_mean_lo, _grad_rstd):
 
 
 torch.library.register_autograd("gn_triton::group_norm_fwd", _op_backward, setup_context=_setup_context)
+
+
+# --- the plain eager route ------------------------------------------------------------------------
+
+
+def eager(input: torch.Tensor) -> bool:
+    """Whether a call on `input` may take the plain eager route: outside torch.compile; a plain tensor on
+    a device the kernels run on; no torch.func transform, forward-mode AD level, torch function mode or
+    dispatch mode active (those see, or transform, the custom ops: they take the ops' route)."""
+    return (
+        not torch.compiler.is_compiling()
+        and type(input) is torch.Tensor
+        and (input.is_cuda or _checks.INTERPRET)
+        and peek_interpreter_stack() is None
+        and torch.autograd.forward_ad._current_level < 0
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
+
+
+def run(program: _launch.ForwardProgram, input: torch.Tensor, tensors: Sequence, eps: float) -> torch.Tensor:
+    """y of a checked call on the eager route: the program alone where no gradient is needed, else
+    through EagerGroupNorm. tensors: (weight, bias, scale, shift), each may be None."""
+    if torch.is_grad_enabled() and (input.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
+        # Only the tensors there are: each argument of apply costs the autograd machinery time.
+        return EagerGroupNorm.apply(input, program, eps, *[t for t in tensors if t is not None])
+    return program(input, tensors, eps)[0]
+
+
+class EagerGroupNorm(torch.autograd.Function):
+    """y of the eager route, differentiable once in reverse mode. Takes (input, program, eps, *present):
+    present are those of (weight, bias, scale, shift) that are not None, in that order. Saves x, those
+    and the forward's workspace (the (N, G) statistics); its backward runs the forward program's
+    backward program. With create_graph=True the gradients come from the backward op through
+    _Backward, whose own derivatives raise, as on the ops' route."""
+
+    @staticmethod
+    def forward(ctx, input, program: _launch.ForwardProgram, eps: float, *present):
+        y, work = program(input, program.tensors(present), eps)
+        ctx.save_for_backward(input, work, *present)
+        ctx.program = program
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        input, work, *present = ctx.saved_tensors
+        program = ctx.program
+        tensors, needs = program.tensors(present), program.needs(ctx.needs_input_grad)
+        if torch.is_grad_enabled():  # a graph of the gradients is being built
+            mean, mean_lo, rstd = program.statistics(work)
+            weight, bias, scale, shift = tensors
+            grads = _backward_twice_raises(grad_y, input, weight, bias, mean, mean_lo, rstd, program.num_groups,
+                                           list(needs), program.activation, scale, shift)  # fmt: skip
+            grads = tuple(g if need else None for g, need in zip(grads, needs))
+        else:
+            grads = program.backward_program(grad_y, input, tensors, work, needs)(grad_y, input, tensors, work)
+        return grads[0], None, None, *(grads[1 + i] for i in program.present)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _activations, _checks, _ops
+from . import _activations, _checks, _launch, _ops, autograd
 from .autograd import GroupNormFunction
 
 # torch's own form of each fused activation (the CPU fallback; also what peers are timed with).
@@ -50,9 +50,22 @@ def group_norm(
     types, naming the argument. Differentiable in reverse and forward mode, and under torch.func
     transforms (grad, vjp, jacrev, jacfwd, jvp, vmap); not twice.
     """
-    _checks.check_group_norm_args(input, num_groups, weight, bias, eps)
-    _checks.check_activation(activation)
-    _checks.check_modulation(input, scale, shift)
+    if autograd.eager(input):
+        # only CUDA autocast changes group_norm's dtype (_checks.AUTOCAST_FP32_DEVICES)
+        out_dtype = input.dtype if keep_input_dtype or not input.is_cuda else _checks.output_dtype(input)
+        tensors = (weight, bias, scale, shift)
+        key = _checked_key(input, num_groups, tensors, eps, activation, out_dtype)
+        program = _CHECKED.get(key)
+        if program is None:
+            _check(input, num_groups, weight, bias, eps, activation, scale, shift)
+            if input.numel() and _checks.backend_for(input) != "torch" and key is not None:
+                program = _launch.forward_program(
+                    input, num_groups, float(eps), _launch.Affine(*tensors, activation), out_dtype, key[0]
+                )
+                _CHECKED[key] = program
+        if program is not None:
+            return autograd.run(program, input, tensors, eps)
+    _check(input, num_groups, weight, bias, eps, activation, scale, shift)
     out_dtype = input.dtype if keep_input_dtype else _checks.output_dtype(input)
     if _checks.backend_for(input) == "torch":
         y = _torch_group_norm(input, num_groups, weight, bias, float(eps))
@@ -64,6 +77,28 @@ def group_norm(
         # registered on it (reverse mode only, as in every compiled graph).
         return _ops.group_norm_fwd(*args, out_dtype)[0]
     return GroupNormFunction.apply(*args, out_dtype)[0]
+
+
+# The signatures of calls that passed the argument checks, with their launch program: a call with the
+# same signature passes them again (the key holds every type, shape, dtype and device they look at).
+_CHECKED: dict[tuple, _launch.ForwardProgram] = {}
+
+
+def _checked_key(input, num_groups, tensors, eps, activation, out_dtype) -> tuple | None:
+    """The eager route's key of a call: its launch signature and the types of num_groups and eps; None
+    for arguments that have none (not tensors, unhashable: the checks say what is wrong with them)."""
+    try:
+        key = (_launch.signature(input, num_groups, tensors, activation, out_dtype), type(num_groups), type(eps))
+        hash(key)
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+    return key
+
+
+def _check(input, num_groups, weight, bias, eps, activation, scale, shift) -> None:
+    _checks.check_group_norm_args(input, num_groups, weight, bias, eps)
+    _checks.check_activation(activation)
+    _checks.check_modulation(input, scale, shift)
 
 
 def _torch_group_norm(input, num_groups: int, weight, bias, eps: float) -> torch.Tensor:
