@@ -55,7 +55,10 @@ def autocast_dtype(dtype: torch.dtype, device_type: str, autocast_enabled: bool)
 
 def output_dtype(input: torch.Tensor) -> torch.dtype:
     """autocast_dtype under the autocast state of input's device now."""
-    return autocast_dtype(input.dtype, input.device.type, torch.is_autocast_enabled(input.device.type))
+    if input.dtype not in (torch.float16, torch.bfloat16):  # the only dtypes autocast changes (the common case)
+        return input.dtype
+    device_type = input.device.type
+    return autocast_dtype(input.dtype, device_type, torch.is_autocast_enabled(device_type))
 
 
 def check_group_norm_args(

@@ -5,9 +5,10 @@
 
 nn.GroupNorm, F.group_norm and torch.group_norm all reach `aten::native_group_norm`, and autograd
 differentiates it with `aten::native_group_norm_backward`. While enabled, both ops have a kernel of
-ours at the backend dispatch key (CUDA; also CPU under TRITON_INTERPRET=1) that runs gn_triton's ops
-for every call they support and hands any other call, unchanged, to the ATen kernel that was there
-before. Being a backend kernel, it sits below autograd and autocast: ATen's derivative formula and
+ours at the backend dispatch key (CUDA; also CPU under TRITON_INTERPRET=1) that runs gn_triton's launch
+programs (gn_triton._launch: already below autograd, it needs no custom op's dispatch) for every call
+they support and hands any other call, unchanged, to the ATen kernel that was there before. Being a
+backend kernel, it sits below autograd and autocast: ATen's derivative formula and
 autocast's casts run as always, and the saved statistics are ATen's (N, G) mean and rstd, in the
 dtype ATen gives them (the input's; on the CPU fp32 for 16-bit input with fp32 weight or bias).
 
@@ -46,9 +47,9 @@ from typing import Any
 
 import torch
 
-from . import _checks, _ops
+from . import _checks, _launch
 from ._launch import stats_dtype
-from ._plan import memory_format
+from ._plan import Affine, memory_format
 from ._switch import Switch
 
 _DSL_NAME = "gn_triton"  # our name in torch._native's registry
@@ -79,7 +80,7 @@ def _input_supported(x: torch.Tensor, N: int, C: int, HxW: int, group: int, para
         return False
     if tuple(x.shape[:2]) != (N, C) or math.prod(x.shape[2:]) != HxW or group <= 0 or C % group:
         return False
-    if not x.is_contiguous(memory_format=memory_format(x) if x.device.type == "cpu" else torch.contiguous_format):
+    if not (x.is_contiguous() or (x.device.type == "cpu" and x.is_contiguous(memory_format=memory_format(x)))):
         return False
     if _stats_dtype(x, *params) is None:
         return False
@@ -92,8 +93,7 @@ def _forward_supported(input, weight, bias, N, C, HxW, group, eps) -> bool:
 
 def _forward(input, weight, bias, N, C, HxW, group, eps):
     """aten::native_group_norm: (y, mean, rstd), the statistics (N, G) in ATen's dtype."""
-    weight, bias = (None if p is None else p.contiguous() for p in (weight, bias))
-    y, mean, _mean_lo, rstd = _ops.group_norm_fwd(input, weight, bias, group, float(eps))
+    y, mean, _mean_lo, rstd = _launch.gn_fwd(input, group, float(eps), Affine(weight, bias))
     dtype = _stats_dtype(input, weight, bias)
     return y, mean.to(dtype), rstd.to(dtype)
 
@@ -121,7 +121,7 @@ def _mean_pair(input: torch.Tensor, group: int, mean: torch.Tensor) -> tuple[tor
     mean from elsewhere is used as given, as ATen's backward uses it."""
     acc = stats_dtype(input)
     # eps does not enter the mean; 1.0 keeps the discarded rstd and output finite
-    _y, exact_hi, exact_lo, _rstd = _ops.group_norm_fwd(input, None, None, group, 1.0)
+    _y, exact_hi, exact_lo, _rstd = _launch.gn_fwd(input, group, 1.0, Affine(None, None))
     mean_hi = mean.reshape(exact_hi.shape).to(acc)
     residual = (exact_hi - mean_hi) + exact_lo  # exact_hi - mean_hi is exact when they are close
     rounded = residual.abs() <= torch.finfo(mean.dtype).eps * mean_hi.abs()
@@ -132,13 +132,12 @@ def _backward(grad_out, input, mean, rstd, weight, N, C, HxW, group, output_mask
     """aten::native_group_norm_backward: (dx, dweight, dbias), None where output_mask is False."""
     if not any(output_mask):
         return None, None, None
-    weight = None if weight is None else weight.contiguous()
     mean_hi, mean_lo = _mean_pair(input, group, mean)
     rstd = rstd.reshape(mean_hi.shape).to(mean_hi.dtype)
     # dbias is Σ dy whatever the bias was: weight stands in for it (same shape and dtype, never read)
     bias = weight if output_mask[2] else None
     mask = [*output_mask, False, False]
-    grads = _ops.group_norm_bwd(grad_out, input, weight, bias, mean_hi, mean_lo, rstd, group, mask)
+    grads = _launch.gn_bwd(grad_out, input, group, Affine(weight, bias), mean_hi, mean_lo, rstd, mask)
     return tuple(g if needed else None for g, needed in zip(grads[:3], output_mask))
 
 

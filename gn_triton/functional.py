@@ -51,8 +51,7 @@ def group_norm(
     transforms (grad, vjp, jacrev, jacfwd, jvp, vmap); not twice.
     """
     if autograd.eager(input):
-        # only CUDA autocast changes group_norm's dtype (_checks.AUTOCAST_FP32_DEVICES)
-        out_dtype = input.dtype if keep_input_dtype or not input.is_cuda else _checks.output_dtype(input)
+        out_dtype = input.dtype if keep_input_dtype else _checks.output_dtype(input)
         tensors = (weight, bias, scale, shift)
         key = _checked_key(input, num_groups, tensors, eps, activation, out_dtype)
         program = _CHECKED.get(key)

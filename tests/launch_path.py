@@ -3,122 +3,47 @@
 What only a GPU run exercised before: triton's binder (argument binding and specialisation: integer
 values of 1 and multiples of 16, pointer alignment), the kernel cache key (with the Epilogue/Layout
 NamedTuple constexprs), compilation to a cubin by the wheel's ptxas, and the hand-off to the launcher.
-A fake CUDA driver stands in for the real one: it reports an sm_90 target, accepts the cubin (an ELF
-file) where the real driver would load it, and its launcher checks each argument against the compiled
-kernel's signature as the C launcher parses them (a pointer needs a tensor's data_ptr, i32 an int in
-range, fp32 a float; constexprs are dropped) and records the launch instead of running it.
+The stand-in driver of perf/stand_in_driver.py replaces the real one: it reports an sm_90 target,
+accepts the cubin (an ELF file) where the real driver would load it, and its launcher checks each
+argument against the compiled kernel's signature as the C launcher reads them and records the launch
+instead of running it.
 
-Every kernel of a fused and a split plan runs through it (forward, and backward with every gradient,
-with a fused activation and per-sample scale/shift), under whatever triton is installed. It prints one
-line per kernel launched and exits non-zero on any failure; tests/test_launch_path.py runs it.
+1. Every kernel of a fused and a split plan runs through it (forward, and backward with every
+   gradient, with a fused activation and per-sample scale/shift), and the parts gn_triton.stats and
+   gn_triton.distributed run.
+2. The cached launch programs (gn_triton._launch): over a set of random calls (shapes, strides,
+   offsets into storage, dtypes, layouts, epilogues, plans, gradients asked for), a call launched
+   through the compiled kernels' own entries launches the same binaries, on the same grids, with the
+   same argument values (pointers as addresses: the call's allocations are replayed) as the same call
+   through triton's JITFunction.run; and a call whose specialisation differs (an unaligned view after
+   an aligned one, S = 1, an integer argument of 1) never reuses another's binary.
+
+It prints one line per check and exits non-zero on any failure; tests/test_launch_path.py runs it under
+whatever triton is installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import random
 import sys
 from collections import Counter
+from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("launch_path.py drives compiled kernels: run it without TRITON_INTERPRET=1")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # perf/, when run as a script
+
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
-INT_RANGES = {
-    "i1": (0, 1), "i8": (-(2**7), 2**7 - 1), "i16": (-(2**15), 2**15 - 1), "i32": (-(2**31), 2**31 - 1),
-    "i64": (-(2**63), 2**63 - 1), "u1": (0, 1), "u8": (0, 2**8 - 1), "u16": (0, 2**16 - 1),
-    "u32": (0, 2**32 - 1), "u64": (0, 2**64 - 1),
-}  # fmt: skip
-FLOATS = {"fp16", "bf16", "fp32", "f32", "fp64"}
-
-
-class LaunchError(TypeError):
-    """An argument the C launcher would refuse (or mis-read) for the compiled signature."""
-
-
-def check_argument(name: str, ty, value) -> None:
-    """`value` as the launcher would read it for signature type `ty` (nested for tuple arguments)."""
-    if isinstance(ty, tuple):  # a tuple argument: one type per element
-        if not isinstance(value, tuple) or len(value) != len(ty):
-            raise LaunchError(f"{name}: expected a tuple of {len(ty)}, got {value!r}")
-        for i, (t, v) in enumerate(zip(ty, value)):
-            check_argument(f"{name}[{i}]", t, v)
-    elif ty == "constexpr":
-        return  # baked into the cubin; the launcher skips it
-    elif ty.startswith("*"):
-        if not (hasattr(value, "data_ptr") or value is None or isinstance(value, int)):
-            raise LaunchError(f"{name}: pointer argument ({ty}) needs a tensor, got {type(value).__name__}")
-    elif ty in INT_RANGES:
-        low, high = INT_RANGES[ty]
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise LaunchError(f"{name}: {ty} argument out of range or not an int: {value!r}")
-    elif ty in FLOATS:
-        if not isinstance(value, (float, int)) or isinstance(value, bool):
-            raise LaunchError(f"{name}: {ty} argument needs a float, got {value!r}")
-    else:
-        raise LaunchError(f"{name}: signature type {ty!r} unknown to this check")
-
-
-class FakeLauncher:
-    """Built by CompiledKernel for its first launch, like the driver's launcher; records launches."""
-
-    def __init__(self, src, metadata) -> None:
-        self.name = src.fn.__name__
-        self.signature = dict(src.signature)
-        self.metadata = metadata
-
-    def __call__(self, grid_x, grid_y, grid_z, stream, function, *rest) -> None:
-        # rest: (kernel metadata, launch metadata, enter hook, exit hook, *the bound arguments)
-        args = rest[4:]
-        if len(args) != len(self.signature):
-            raise LaunchError(f"{self.name}: {len(args)} arguments for a signature of {len(self.signature)}")
-        for (name, ty), value in zip(self.signature.items(), args):
-            check_argument(f"{self.name}.{name}", ty, value)
-        if min(grid_x, grid_y, grid_z) < 1 or grid_y > 65535 or grid_z > 65535 or grid_x > 2**31 - 1:
-            raise LaunchError(f"{self.name}: grid ({grid_x}, {grid_y}, {grid_z}) out of CUDA's limits")
-        FakeCudaDriver.launches.append((self.name, self.metadata.num_warps, (grid_x, grid_y, grid_z)))
-
-
-class FakeUtils:
-    def load_binary(self, name, kernel, shared, device):
-        if not kernel.startswith(b"\x7fELF"):
-            raise RuntimeError(f"{name}: the compiled kernel is not a cubin")
-        return 1, 1, 0, 0, 1024  # module, function, registers, spills, max threads per block
-
-    def get_device_properties(self, device):
-        # An H100's: 228 KiB of shared memory per SM, 227 KiB usable by one block.
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "warpSize": 32}
-
-    def unload_module(self, module) -> None:
-        pass
-
-
-class FakeCudaDriver:
-    launches: list = []
-
-    def __init__(self) -> None:
-        self.utils = FakeUtils()
-        self.launcher_cls = FakeLauncher
-
-    def is_active(self) -> bool:
-        return True
-
-    def get_current_target(self) -> GPUTarget:
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self) -> int:
-        return 0
-
-    def get_current_stream(self, device=None) -> int:
-        return 0
-
-    def get_active_torch_device(self) -> torch.device:
-        return torch.device("cpu")
+from perf.stand_in_driver import StandInDriver, check_argument, use  # noqa: E402
 
 
 @triton.jit
@@ -185,17 +110,185 @@ def run_gn_triton() -> Counter:
                 coefficients = _parts.dx_coefficients(sums, count, affine, g, mean_lo, rstd)
                 _parts.dx(torch.randn_like(x), x, g, affine, mean, mean_lo, rstd, *coefficients)
             print(f"{plan:>15} {dtype} {memory_format}: launched")
-    return Counter(name for name, _warps, _grid in FakeCudaDriver.launches)
+    return Counter(launch.name for launch in StandInDriver.launches)
+
+
+# --- cached launch programs --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def replayed_allocations(pool: list):
+    """The tensors a call allocates (torch.empty, empty_like, and the dense copies `contiguous` makes) are
+    recorded into `pool` when it is empty and handed back from it, in order, when it is not: two runs of
+    the same call get the same addresses."""
+    real = torch.empty, torch.empty_like, torch.Tensor.contiguous
+    replay = list(pool)
+
+    def kept(t):
+        if replay:
+            return replay.pop(0)
+        pool.append(t)
+        return t
+
+    def contiguous(self, *args, **kwargs):
+        t = real[2](self, *args, **kwargs)
+        return t if t is self else kept(t)
+
+    torch.empty = lambda *args, **kwargs: kept(real[0](*args, **kwargs))
+    torch.empty_like = lambda *args, **kwargs: kept(real[1](*args, **kwargs))
+    torch.Tensor.contiguous = contiguous
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like, torch.Tensor.contiguous = real
+
+
+@contextlib.contextmanager
+def counting_jit_runs(counter: list):
+    real = JITFunction.run
+
+    def run(self, *args, **kwargs):
+        counter.append(self.__name__)
+        return real(self, *args, **kwargs)
+
+    JITFunction.run = run
+    try:
+        yield
+    finally:
+        JITFunction.run = real
+
+
+def launches_of(call, pool: list, jit: bool) -> tuple[list, list]:
+    """The launches `call` records (name, binary, warps, grid, arguments), with the allocations of `pool`,
+    through JITFunction.run (jit) or the programs' compiled entries; and the JITFunction.run calls made."""
+    from gn_triton import _compiled
+
+    hooks_set = _compiled.hooks_set
+    jit_runs: list = []
+    StandInDriver.launches.clear()
+    _compiled.hooks_set = (lambda: True) if jit else hooks_set  # a set hook sends every launch through JIT
+    try:
+        with replayed_allocations(pool), counting_jit_runs(jit_runs):
+            call()
+    finally:
+        _compiled.hooks_set = hooks_set
+    return [(r.name, r.binary, r.num_warps, r.grid, r.arguments) for r in StandInDriver.launches], jit_runs
+
+
+PROGRAM_PLANS = [
+    {},  # the planner's own (for an H100: fused or split as the shape asks)
+    dict(split=1, groups_per_program=2, block_c=4, block_s=32),
+    dict(split=3, groups_per_program=1, block_c=2, block_s=16, wave_blocks=0),
+    dict(split=2, groups_per_program=2, block_c=4, block_s=16, wave_blocks=3),
+    dict(split=2, groups_per_program=1, block_c=1, block_s=32, wave_blocks=0, chunks=2),
+]
+
+
+def random_call(rng: random.Random):
+    """A random training or inference call: shape, groups, dtype, layout, view, epilogue, gradients."""
+    import gn_triton
+
+    n, g = rng.choice([1, 2, 3]), rng.choice([1, 2, 4])
+    c = g * rng.choice([1, 2, 3, 4])
+    spatial = rng.choice([(1,), (7,), (5, 6), (16, 16), (3, 4, 5)])
+    if n * (c // g) * math.prod(spatial) == 1:  # torch refuses one value per group
+        n = 2
+    dtype = rng.choice([torch.bfloat16, torch.float16, torch.float32, torch.float64])
+    views = ["contiguous", "unaligned", "not dense"] + (["channels_last"] if len(spatial) == 2 else [])
+    view = rng.choice(views)
+    base = torch.randn(n + 1, c, *spatial, dtype=dtype) + 3
+    x = {
+        "contiguous": lambda: base[:n],
+        "channels_last": lambda: base[:n].contiguous(memory_format=torch.channels_last),
+        "unaligned": lambda: base.flatten()[1 : 1 + base[:n].numel()].view(n, c, *spatial),  # one element off
+        "not dense": lambda: base.transpose(0, 1).contiguous().transpose(0, 1)[:n],  # (C, N, ...) in memory
+    }[view]()
+    weight = torch.randn(c, dtype=rng.choice([dtype, torch.float32])) if rng.random() < 0.7 else None
+    bias = torch.randn(c, dtype=weight.dtype) if weight is not None and rng.random() < 0.8 else None
+    modulated = rng.random() < 0.3
+    scale, shift = (torch.randn(n, c, dtype=dtype), torch.randn(n, c, dtype=dtype)) if modulated else (None, None)
+    activation = rng.choice([None, "silu", "gelu"])
+    plan = rng.choice(PROGRAM_PLANS)
+    tensors = [x, weight, bias, scale, shift]
+    train = rng.random() < 0.6
+    # Leaves where a gradient is asked for: detached views keep each tensor's strides and offset.
+    tensors = [t.detach().requires_grad_() if t is not None and train and rng.random() < 0.8 else t for t in tensors]
+    leaves = [t for t in tensors if t is not None and t.requires_grad]
+    dy = torch.randn(x.shape, dtype=dtype)
+    label = (f"{tuple(x.shape)} G={g} {dtype} {view} w={weight is not None} b={bias is not None} "
+             f"mod={modulated} act={activation} plan={plan or 'heuristic'} grads={len(leaves)}")  # fmt: skip
+
+    def call():
+        from gn_triton import _tuning
+
+        with _tuning.override_plan(**plan) if plan else contextlib.nullcontext():
+            y = gn_triton.group_norm(tensors[0], g, tensors[1], tensors[2], activation=activation,
+                                     scale=tensors[3], shift=tensors[4])  # fmt: skip
+            if leaves:
+                torch.autograd.grad(y, leaves, dy)
+
+    return label, call
+
+
+def check_programs(cases: int, seed: int) -> None:
+    """Each random call: its compiled-entry launches equal its JITFunction.run launches."""
+    rng = random.Random(seed)
+    for i in range(cases):
+        label, call = random_call(rng)
+        call()  # plans and compiles: the programs' first launches go through JITFunction.run
+        pool: list = []
+        compiled, jit_runs = launches_of(call, pool, jit=False)
+        reference, _ = launches_of(call, pool, jit=True)
+        if jit_runs:
+            raise SystemExit(f"case {i} ({label}): the cached programs still called JITFunction.run: {jit_runs}")
+        if compiled != reference:
+            diff = next(j for j, (a, b) in enumerate(zip(compiled, reference)) if a != b) if compiled else 0
+            raise SystemExit(f"case {i} ({label}): compiled entry and JITFunction.run differ at launch {diff}:\n"
+                             f"  {compiled[diff] if compiled else None}\n  {reference[diff]}")  # fmt: skip
+        print(f"program case {i}: {len(compiled)} launches equal: {label}")
+
+
+def check_specialisation_changes() -> None:
+    """A call after another with a different specialisation never launches the other's binary: each
+    equals its own JITFunction.run launches."""
+    import gn_triton
+
+    base = torch.randn(2, 8, 40, 40, dtype=torch.bfloat16) + 3
+    variants = {
+        "aligned": base,
+        "unaligned view (2-byte offset)": base.flatten()[1 : 1 + base.numel() // 2].view(1, 8, 40, 40),
+        "aligned again, N = 1": base[:1],
+        "S = 1": torch.randn(2, 8, 1, dtype=torch.bfloat16),
+        "S = 16 (an integer divisible by 16)": torch.randn(2, 8, 16, dtype=torch.bfloat16),
+        "C = 1 per group, G = C": torch.randn(2, 8, 33, dtype=torch.bfloat16),
+    }
+    binaries = {}
+    for name, x in variants.items():
+        groups = 8 if "G = C" in name else 4
+        call = lambda x=x, groups=groups: gn_triton.group_norm(x, groups)  # noqa: E731
+        call()
+        pool: list = []
+        compiled, _ = launches_of(call, pool, jit=False)
+        reference, _ = launches_of(call, pool, jit=True)
+        if compiled != reference:
+            raise SystemExit(f"{name}: the cached program launched another specialisation's binary")
+        binaries[name] = {launch[1] for launch in compiled}
+        print(f"specialisation {name}: binaries {sorted(binaries[name])}, as JITFunction.run chooses")
+    if binaries["aligned"] & binaries["unaligned view (2-byte offset)"]:
+        raise SystemExit("an unaligned view launched the aligned view's binary")
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    driver.set_active(FakeCudaDriver())
-    print(f"triton {triton.__version__}, torch {torch.__version__}: launches through a fake sm_90 driver")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=24, help="random calls for the cached-program check")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    use(StandInDriver())
+    print(f"triton {triton.__version__}, torch {torch.__version__}: launches through a stand-in sm_90 driver")
     check_harness_refuses()
-    FakeCudaDriver.launches.clear()
+    StandInDriver.launches.clear()
     launched = run_gn_triton()
-    from gn_triton import _launch
+    from gn_triton import _checks, _compiled, _launch
 
     missing = set(_launch.KERNELS) - set(launched)
     for name, count in sorted(launched.items()):
@@ -203,6 +296,12 @@ def main() -> None:
     if missing:
         raise SystemExit(f"kernels never launched: {sorted(missing)}")
     print(f"all {len(launched)} kernels launched")
+    if not _compiled.convention_known():
+        raise SystemExit(f"triton {triton.__version__}: the compiled kernels' calling convention is not recognised")
+    _checks.INTERPRET = True  # CPU tensors take gn_triton's kernel path (compiled, through this driver)
+    check_specialisation_changes()
+    check_programs(args.cases, args.seed)
+    print("cached programs: every call launched as JITFunction.run launches it")
 
 
 if __name__ == "__main__":

@@ -70,8 +70,13 @@ def test_fp32_output_from_16_bit_input(path, device, cpu_autocast_runs_in_fp32, 
     w, b = make_params(4, F32, device)
     dy = torch.randn(x.shape, dtype=F32, device=device)
     launched = []
-    real = _launch._launch_fwd
-    monkeypatch.setattr(_launch, "_launch_fwd", lambda x, y, *a: launched.append((x.dtype, y.dtype)) or real(x, y, *a))
+    real = _launch.ForwardProgram.__call__
+
+    def spy(program, x, *args, **kwargs):
+        launched.append((x.dtype, program.out_dtype))
+        return real(program, x, *args, **kwargs)
+
+    monkeypatch.setattr(_launch.ForwardProgram, "__call__", spy)
     norm, w_leaf, b_leaf = norm_of(path, w, b)
     x_leaf = x.clone().requires_grad_()
     with torch.autocast(device, dtype=BF16):

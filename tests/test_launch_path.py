@@ -1,7 +1,9 @@
 """Triton's real JIT launch path (binding, specialisation, cache key, ptxas, the launcher's argument
 reading) for every kernel of a fused and a split plan and of the parts gn_triton.stats and
-gn_triton.distributed run, on the CPU: tests/launch_path.py with a fake sm_90 driver, in a fresh
-process since the suite's own process runs the interpreter."""
+gn_triton.distributed run, and the cached launch programs against it (the same binaries, grids and
+arguments through the compiled kernels' own entries as through JITFunction.run, over random calls and
+changed specialisations), on the CPU: tests/launch_path.py with the stand-in sm_90 driver of
+perf/stand_in_driver.py, in a fresh process since the suite's own process runs the interpreter."""
 
 import os
 
@@ -20,4 +22,7 @@ def test_every_kernel_launches_through_the_compiled_path(tmp_path):
     from gn_triton import _launch
 
     assert f"all {len(_launch.KERNELS)} kernels launched" in run.stdout
+    assert run.stdout.count("as JITFunction.run chooses") == 6  # each specialisation its own binary
+    assert run.stdout.count("launches equal") == 24  # the random calls, each checked
+    assert "cached programs: every call launched as JITFunction.run launches it" in run.stdout
     assert list(tmp_path.rglob("*.cubin")), "no cubin was compiled"
