@@ -213,7 +213,8 @@ def shifted_stats(
     if R == 1:  # every row of every channel block is the one group's: fold once
         total_e += tl.sum(tl.sum(sum_e, axis=1), axis=0)
         total_e2 += tl.sum(tl.sum(sum_e2, axis=1), axis=0)
-    count = channels.to(ACC) * tl.cast(s_end - s_begin, ACC)  # in ACC: a group may hold 2^31 elements or more; a cast, since S = 1 is a constexpr
+    # In ACC: a group may hold 2^31 elements or more. A cast, not .to: with S = 1 (a constexpr) this is an int.
+    count = channels.to(ACC) * tl.cast(s_end - s_begin, ACC)
     mean_e = total_e / tl.maximum(count, 1.0)
     m2 = total_e2 - total_e * mean_e
     return count, (shift - pilot) + mean_e, tl.where(m2 < 0.0, 0.0, m2)
