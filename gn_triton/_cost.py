@@ -15,8 +15,9 @@ issues. The model, per direction (forward reads x and writes y; backward reads x
   slice narrower than a 32-byte sector still moves the whole sector.
 - **Time**: HBM bytes over the copy bandwidth plus second reads served by L2 over L2's (faster)
   bandwidth, scaled down when a launch has fewer than two programs per SM (too few requests in
-  flight to keep HBM busy), against the host's cost of the launches (Python and Triton's launcher,
-  microseconds each; they overlap the GPU's work): time = max(GPU time, host time).
+  flight to keep HBM busy), against the host's cost of the call (HOST_CALL_US, then HOST_LAUNCH_US
+  per launch; it overlaps the GPU's work): time = max(GPU time, host time). A call whose host time
+  is the larger is host-bound: the GPU waits for Python (explain says so).
 - **Residency**: programs per SM (a CU on AMD) from warps (wavefronts) and a rough register estimate
   of the tile (the static report's register counts are the truth; this only has to rank plans).
 
@@ -49,13 +50,31 @@ L2_OVER_HBM = 2.5  # L2 read bandwidth over HBM copy bandwidth (H100/H200: rough
 MALL_OVER_HBM = 2.0
 
 
+# The host's cost of a call, measured by perf/host_report.py (perf/results/host/, docs/host-path.md):
+# triton's real launch path with a stand-in driver on the 2-core development machine, triton 3.6.0,
+# a cached launch program per call: about MEASURED_CALL_US per call besides its launches and
+# MEASURED_LAUNCH_US per launch through a compiled kernel's own entry. A GPU server's CPU runs that
+# Python about GPU_HOST_SPEEDUP times as fast (an assumption), and each launch also costs the driver's
+# cuLaunchKernel, which the stand-in driver does not run (DRIVER_LAUNCH_US, a default). A GPU run's
+# eager-loop timings (perf/evidence/env.py, host_path) measure the truth.
+MEASURED_CALL_US = 11.0
+MEASURED_LAUNCH_US = 0.8
+GPU_HOST_SPEEDUP = 2.0
+DRIVER_LAUNCH_US = 2.0
+HOST_CALL_US = MEASURED_CALL_US / GPU_HOST_SPEEDUP
+HOST_LAUNCH_US = MEASURED_LAUNCH_US / GPU_HOST_SPEEDUP + DRIVER_LAUNCH_US
+_HOST_SOURCE = (f"host {HOST_CALL_US:.1f} us per call + {HOST_LAUNCH_US:.1f} us per launch: measured without a GPU "
+                f"(perf/host_report.py), halved for a GPU server's CPU, plus {DRIVER_LAUNCH_US:.0f} us of driver "
+                f"per launch (defaults)")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class DeviceModel:
     name: str
     sms: int
     l2_bytes: int
     copy_gbps: float  # device-to-device copy: (read + write) bytes per second / 1e9
-    launch_us: float  # host time of one kernel launch from Python
+    launch_us: float = HOST_LAUNCH_US  # host time of one kernel launch (compiled entry and driver)
     source: str = ""  # where the copy bandwidth and launch cost come from
     vendor: str = "nvidia"  # "amd": sms counts compute units (CUs), warps are wavefronts
     arch: str = ""  # AMD: the gcnArchName prefix (gfx942) that picks this entry for an unnamed device
@@ -64,6 +83,7 @@ class DeviceModel:
     registers_per_sm: int = 65536  # 32-bit registers per SM (AMD: 4 SIMDs x 512 VGPRs x 64 lanes)
     mall_bytes: int = 0  # AMD Infinity Cache (memory-attached last level), shared by all XCDs
     cache_over_hbm: float = L2_OVER_HBM  # read bandwidth of the second-read cache over copy bandwidth
+    call_us: float = HOST_CALL_US  # host time of a call besides its launches (checks, lookup, allocation)
 
     @property
     def cache_bytes(self) -> int:
@@ -82,15 +102,15 @@ class DeviceModel:
 # bandwidth (what a device-to-device copy reaches in practice); launch cost a default. A GPU run of
 # the evidence job measures both (perf/README.md): its figures replace these.
 DEVICES = {
-    "h100": DeviceModel("NVIDIA H100 80GB HBM3", 132, 50 << 20, 3000.0, 6.0,
-                        "copy bandwidth a default, 90% of the spec sheet's 3.35 TB/s; launch cost a default"),
-    "h200": DeviceModel("NVIDIA H200", 132, 60 << 20, 4300.0, 6.0,
-                        "copy bandwidth a default, 90% of the spec sheet's 4.8 TB/s; launch cost a default"),
-    "a100": DeviceModel("NVIDIA A100-SXM4-80GB", 108, 40 << 20, 1700.0, 6.0,
-                        "copy bandwidth a default, 83% of the spec sheet's 2.04 TB/s; launch cost a default"),
-    **{key: DeviceModel(name, cus, 4 << 20, 0.8 * tbps * 1000, 6.0,
+    "h100": DeviceModel("NVIDIA H100 80GB HBM3", 132, 50 << 20, 3000.0, HOST_LAUNCH_US,
+                        "copy bandwidth a default, 90% of the spec sheet's 3.35 TB/s; " + _HOST_SOURCE),
+    "h200": DeviceModel("NVIDIA H200", 132, 60 << 20, 4300.0, HOST_LAUNCH_US,
+                        "copy bandwidth a default, 90% of the spec sheet's 4.8 TB/s; " + _HOST_SOURCE),
+    "a100": DeviceModel("NVIDIA A100-SXM4-80GB", 108, 40 << 20, 1700.0, HOST_LAUNCH_US,
+                        "copy bandwidth a default, 83% of the spec sheet's 2.04 TB/s; " + _HOST_SOURCE),
+    **{key: DeviceModel(name, cus, 4 << 20, 0.8 * tbps * 1000, HOST_LAUNCH_US,
                         f"CUs, L2 (4 MB per XCD) and Infinity Cache from AMD's spec sheet; copy bandwidth a default, "
-                        f"80% of the spec sheet's {tbps} TB/s; launch cost a default; not calibrated on the GPU",
+                        f"80% of the spec sheet's {tbps} TB/s; {_HOST_SOURCE}; not calibrated on the GPU",
                         vendor="amd", arch=arch, warp_size=64, max_warps_per_sm=32, registers_per_sm=4 * 512 * 64,
                         mall_bytes=256 << 20, cache_over_hbm=MALL_OVER_HBM)
        for key, name, arch, cus, tbps in (("mi300x", "AMD Instinct MI300X", "gfx942", 304, 5.3),
@@ -156,7 +176,12 @@ class Prediction:
     programs: int  # per launch (the largest launch)
     waves: int  # split path: waves of blocks (1 for fused)
     gpu_us: float
-    host_us: float
+    host_us: float  # the call's host path: Python, allocation, launches
+
+    @property
+    def host_bound(self) -> bool:
+        """Whether the GPU waits for the host: the call's host path outlasts its GPU work."""
+        return self.host_us > self.gpu_us
 
     @property
     def time_us(self) -> float:
@@ -228,4 +253,4 @@ def predict(direction: str, p, plan, device: DeviceModel) -> Prediction:
     from_l2 = (tensor * reads - second) * sector_waste
     saturation = min(1.0, programs / (PROGRAMS_PER_SM_TO_SATURATE * device.sms))
     gpu_us = (hbm + from_l2 / device.cache_over_hbm) / (device.copy_gbps * 1e3 * saturation)
-    return Prediction(floor, hbm, launches, programs, waves, gpu_us, launches * device.launch_us)
+    return Prediction(floor, hbm, launches, programs, waves, gpu_us, device.call_us + launches * device.launch_us)

@@ -81,8 +81,11 @@ def describe(direction: str, p: Problem, plan: Plan, pred: Prediction, device: D
         f"  plan: {plan}",
         f"  HBM bytes: {pred.hbm_bytes / 1e6:.1f} MB predicted vs {pred.floor_bytes / 1e6:.1f} MB floor "
         f"({pred.traffic_over_floor:.2f}x)",
-        f"  time: {pred.time_us:.1f} us predicted (GPU {pred.gpu_us:.1f} us, host launches {pred.host_us:.1f} us)"
+        f"  time: {pred.time_us:.1f} us predicted (GPU {pred.gpu_us:.1f} us, host {pred.host_us:.1f} us)"
         f" = {pred.pct_copy_bw(device):.0f}% of the {device.copy_gbps:.0f} GB/s copy bandwidth",
+        "  HOST-BOUND: in eager mode the GPU waits for the call's host path (CUDA graphs, or torch.compile's "
+        "cudagraph modes, remove it)" if pred.host_bound else "  GPU-bound: the host path is hidden behind the "
+        "GPU's work",
     ]
 
 
@@ -114,7 +117,8 @@ def explain(shape: tuple[int, ...], groups: int, dtype: str, layout: str, device
         figures = f"SMs and L2 from the spec sheet; {device.source}"
     lines = [
         f"GroupNorm of x {shape}, {groups} groups, {dtype}, {layout}, on {device.name} "
-        f"({units}, {device.copy_gbps:.0f} GB/s copy, {device.launch_us:.0f} us per launch)",
+        f"({units}, {device.copy_gbps:.0f} GB/s copy; host {device.call_us:.1f} us per call + "
+        f"{device.launch_us:.1f} us per launch)",
         f"Device figures: {figures}.",
     ]
     if math.prod(shape) == 0:

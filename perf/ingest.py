@@ -99,6 +99,14 @@ def write_summary(folder: Path, run: dict, frames: dict[str, pd.DataFrame]) -> P
               f"Result: **{run.get('result')}**", "", "## Stages", ""]  # fmt: skip
     stages = pd.DataFrame(run.get("stages", []))
     lines += [_md(stages[[c for c in ("stage", "name", "status", "seconds", "note", "warm_up") if c in stages]]), ""]
+    if env.get("host_path"):
+        lines += [
+            "## Where each call is bound (µs per call: calls back to back from Python, and the same call "
+            "replayed from a CUDA graph, the GPU's time alone)",
+            "",
+            _md(pd.DataFrame(env["host_path"])),
+            "",
+        ]
     lines += ["## Correctness against the float64 reference", ""] + section(frames, "correctness", correctness_section)
     sweep = frames.get("sweep")
     lines += ["", "## Throughput (core table and broader sweep)", ""]

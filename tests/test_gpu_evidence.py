@@ -41,6 +41,9 @@ def test_stages_run_in_order_and_write_their_rows(full_run):
     assert all(s["status"] == "done" for s in run["stages"]), run["stages"]
     assert run["result"] == "all stages run"
     assert run["env"]["copy_gbps"] > 0 and run["env"]["gn_triton_call_us"] > 0
+    host = run["env"]["host_path"]  # eager-loop times of gn_triton and torch, forward and training step
+    assert {row["provider"] for row in host} == {"gn_triton", "torch"}
+    assert all(row["eager_loop_us"] > 0 and row["step_eager_loop_us"] > 0 for row in host)
     log = (full_run / "log.txt").read_text()
     starts = [log.index(f"stage {k} {name}: start") for k, name in enumerate(STAGE_NAMES, 1)]
     assert starts == sorted(starts)

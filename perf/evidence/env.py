@@ -1,5 +1,7 @@
-"""Stage 1: the environment (GPU, SMs, L2, clocks, driver, versions), the copy bandwidth and the
-launch costs the cost model takes as defaults until a run like this one measures them."""
+"""Stage 1: the environment (GPU, SMs, L2, clocks, driver, versions), the copy bandwidth, the
+launch costs the cost model takes as defaults until a run like this one measures them, and where
+typical calls are bound (host_path: each call's time as an eager loop sees it against its GPU time
+alone, gn_triton beside torch eager)."""
 
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ def stage_env(job: Job, ctx: Context, clock: Clock) -> str:
     env["copy_gbps"] = round(ctx.copy_gbps, 1)
     with autotune(False):
         env.update(launch_costs(ctx))
+        env["host_path"] = host_path(ctx, clock)
     ctx.run = run_columns(ctx.device, env["gpu"], ctx.copy_gbps, stage="")
     job.save()
     return f"{env['gpu']}: copy {env['copy_gbps']} GB/s, gn_triton tiny call {env['gn_triton_call_us']:.1f} us"
@@ -74,3 +77,62 @@ def launch_costs(ctx: Context) -> dict:
 
         out["gn_triton_call_graph_us"] = 1e3 * triton.testing.do_bench_cudagraph(lambda: gn_triton.group_norm(x, 8))
     return out
+
+
+# (label, shape, groups): calls that are short on the GPU, where the host path may be what the GPU waits on.
+HOST_PATH_SHAPES = [
+    ("SD U-Net 1x1280x8x8", (1, 1280, 8, 8), 32),
+    ("SD U-Net 2x320x64x64", (2, 320, 64, 64), 32),
+    ("SD VAE 1x512x128x128", (1, 512, 128, 128), 32),
+]
+
+
+def host_path(ctx: Context, clock: Clock) -> list[dict]:
+    """Per shape (bf16, weight and bias, SiLU after the norm), gn_triton and torch eager measured two
+    ways: calls issued back to back from Python (`eager_loop_us`: per call, the GPU's work included:
+    what a user's eager loop sees, host path and all) and the same call replayed from a CUDA graph
+    (`graph_us`: the GPU's time alone); a training step (forward and autograd.grad) back to back.
+    `bound` says which side sets the eager time. A rehearsal runs a tiny shape in the interpreter."""
+    shapes = HOST_PATH_SHAPES if ctx.device == "cuda" else [("tiny 1x8x4x4", (1, 8, 4, 4), 4)]
+    rows = []
+    for label, shape, groups in shapes:
+        if clock.hit:
+            break
+        for provider in ("gn_triton", "torch"):
+            rows.append(_host_path_row(ctx, label, shape, groups, provider))
+    return rows
+
+
+def _host_path_row(ctx: Context, label: str, shape: tuple, groups: int, provider: str) -> dict:
+    import torch.nn.functional as F
+
+    import gn_triton
+
+    dtype = torch.bfloat16 if ctx.device == "cuda" else torch.float32
+    calls = 200 if ctx.device == "cuda" else 2
+    x = torch.randn(shape, device=ctx.device, dtype=dtype)
+    w, b = (torch.randn(shape[1], device=ctx.device, dtype=dtype) for _ in range(2))
+    if provider == "gn_triton":
+        fn = lambda x, w, b: gn_triton.group_norm(x, groups, w, b, activation="silu")  # noqa: E731
+    else:
+        fn = lambda x, w, b: F.silu(F.group_norm(x, groups, w, b))  # noqa: E731
+    row = dict(shape=label, provider=provider, dtype=str(dtype).replace("torch.", ""))
+    with torch.no_grad():
+        fn(x, w, b)
+        ctx.sync()
+        row["eager_loop_us"] = ctx.timed(lambda: [fn(x, w, b) for _ in range(calls)]) / calls * 1e6
+        if ctx.device == "cuda":
+            import triton.testing
+
+            row["graph_us"] = 1e3 * triton.testing.do_bench_cudagraph(lambda: fn(x, w, b))
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    dy = torch.randn_like(x)
+
+    def step():
+        torch.autograd.grad(fn(*leaves), leaves, dy)
+
+    step()
+    row["step_eager_loop_us"] = ctx.timed(lambda: [step() for _ in range(calls)]) / calls * 1e6
+    if "graph_us" in row:
+        row["bound"] = "host" if row["eager_loop_us"] > 1.2 * row["graph_us"] else "GPU"
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
