@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import operator
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,13 @@ def _set_enabled(enabled: bool) -> None:
         inductor_config.pre_grad_custom_pass = inductor_config.pre_grad_custom_pass.previous
 
 
+# torch 2.13's Inductor config holds each value per thread (a ContextVar): the pass enabled in one thread
+# is not seen by compilations in another. torch 2.11's is one value for the process.
+_PER_THREAD = isinstance(
+    getattr(inductor_config._config.get("pre_grad_custom_pass"), "user_override", None), ContextVar
+)
+
+
 def _installed_pass() -> Any:
     return inductor_config.pre_grad_custom_pass
 
@@ -244,7 +252,7 @@ def _install_pass(before: Any) -> None:  # one function: the switches of this se
 
 def _switch(enabled: bool) -> Switch:
     """The pre-grad pass from before the call comes back when the switch is used as a context manager."""
-    return Switch(_installed_pass, _install_pass, lambda: _set_enabled(enabled))
+    return Switch(_installed_pass, _install_pass, lambda: _set_enabled(enabled), per_thread=_PER_THREAD)
 
 
 def enable_compile_fusion() -> Switch:
