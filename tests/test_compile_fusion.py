@@ -27,8 +27,8 @@ from gn_triton.compile_fusion import fuse_group_norms
 OP = "torch.ops.gn_triton.group_norm_fwd.default("
 # Inductor names each generated kernel after the ATen ops it fuses (cpp_fused_..._silu_1, triton_..._silu_0).
 SILU_KERNEL = re.compile(r"fused_\w*silu")
-TOL = 1e-9  # float64 against float64; the only difference is eps applied in fp32 (see README)
-EPS = 2.0**-16  # the pattern cases' eps: exact in fp32, so they compare arithmetic only
+TOL = 1e-9  # float64 against float64: the order of sums differs (fp64 kernels take eps as an fp32 pair, to ~2^-48)
+EPS = 2.0**-16  # the pattern cases' eps: exact in every dtype
 
 
 @pytest.fixture(autouse=True)
