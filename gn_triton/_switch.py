@@ -61,6 +61,8 @@ class Switch:
     def __exit__(self, *exc: object) -> None:
         with _LOCK:
             live = _alive(self._key)
+            if weakref.ref(self) not in live:
+                raise RuntimeError("this switch was exited already (enter it again first)")
             first = live[0]() is self
             live.remove(weakref.ref(self))
             self._entered = False
