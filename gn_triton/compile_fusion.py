@@ -36,11 +36,11 @@ compiled model, fused or not), so the pass never meets it silently; torch.func.j
 function runs it eagerly.
 
 Limits: compilations that happen while enabled (a model compiled before keeps its graph until
-torch.compiler.reset(); a recompile after a `with enable_compile_fusion():` block ended, e.g. for a
-new batch size, runs without the pass: Inductor reads the pass from its configuration at each
-compilation); the Inductor backend (other backends, and torch.export, do not run
-Inductor's passes: export a converted model instead); inputs gn_triton does not run on are left to
-Inductor.
+torch.compiler.reset(); a recompile after a `with enable_compile_fusion():` block ended, e.g. for a new
+batch size, runs without the pass: Inductor reads the pass from its configuration at each compilation;
+torch.compile(..., options=fusion_options()) keeps the pass with the compiled function); the Inductor
+backend (other backends, and torch.export, do not run Inductor's passes: export a converted model
+instead); inputs gn_triton does not run on are left to Inductor.
 """
 
 from __future__ import annotations
@@ -253,6 +253,18 @@ def _install_pass(before: Any) -> None:  # one function: the switches of this se
 def _switch(enabled: bool) -> Switch:
     """The pre-grad pass from before the call comes back when the switch is used as a context manager."""
     return Switch(_installed_pass, _install_pass, lambda: _set_enabled(enabled), per_thread=_PER_THREAD)
+
+
+def fusion_options() -> dict[str, Any]:
+    """torch.compile options that carry the pass with one compiled function, every recompilation
+    included, whatever the switches say later:
+
+        compiled = torch.compile(model, options=gn_triton.compile_fusion.fusion_options())
+
+    (Inductor applies a compiled function's options at each of its compilations; the pass installed
+    when this is called, if any and not gn_triton's, runs first, as with enable_compile_fusion.)"""
+    installed = inductor_config.pre_grad_custom_pass
+    return {"pre_grad_custom_pass": _FusionPass(installed.previous if _enabled() else installed)}
 
 
 def enable_compile_fusion() -> Switch:

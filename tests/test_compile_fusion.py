@@ -422,3 +422,19 @@ def test_a_recompile_after_the_context_block_runs_without_the_fusion(device):
         code = "\n".join(codes)
         assert code and not fused_calls(code) and "native_group_norm" in code
         assert (y - F.silu(norm(x))).abs().max() <= TOL
+
+
+def test_fusion_options_keep_the_pass_with_the_compiled_function(device):
+    """torch.compile(..., options=fusion_options()): the first compile and the recompile for a new
+    batch size both fuse, with the switches off."""
+    norm = torch.nn.GroupNorm(2, 4).double().to(device)
+    compiled = torch.compile(lambda x: F.silu(norm(x)), options=gn_triton.compile_fusion.fusion_options())
+    with torch.no_grad():
+        for batch in (2, 3):
+            x = torch.randn(batch, 4, 3, dtype=torch.float64, device=device)
+            with generated_code() as codes:
+                y = compiled(x)
+            [call] = fused_calls("\n".join(codes))
+            assert epilogue(call) == ("'silu'", False, False)
+            assert (y - F.silu(norm(x))).abs().max() <= TOL
+    assert inductor_config.pre_grad_custom_pass is None
