@@ -6,8 +6,10 @@
 For each `F.group_norm` / `torch.group_norm` of the graph Dynamo captured (nn.GroupNorm is inlined
 to F.group_norm there) whose input runs on gn_triton's kernels, the pass calls the custom op
 `gn_triton::group_norm_fwd` instead and folds into it, while each step's result has no other user:
-the per-sample modulation `y * m + t` with m, t of shape (N, C, 1, ..., 1) (m = 1 + scale is taken
-as is; any other m becomes scale = m - 1), then SiLU or GELU (erf or tanh). That is the order the
+the per-sample modulation `y * (1 + s) + t` with s, t of shape (N, C, 1, ..., 1) (a multiplier
+written as `1 + s` or `s + 1`; any other multiplier m stays a multiply in the graph, exact, and ends
+the fused chain there: folding it as scale = m - 1 would lose a small m), then SiLU or GELU (erf or
+tanh). That is the order the
 kernel applies them in, and the form of diffusers' ResnetBlock2D (norm, optional scale-shift, SiLU).
 
 Which hook, and why: Inductor's pre-grad custom pass (`torch._inductor.config.pre_grad_custom_pass`,
@@ -34,9 +36,11 @@ compiled model, fused or not), so the pass never meets it silently; torch.func.j
 function runs it eagerly.
 
 Limits: compilations that happen while enabled (a model compiled before keeps its graph until
-torch.compiler.reset()); the Inductor backend (other backends, and torch.export, do not run
-Inductor's passes: export a converted model instead); inputs gn_triton does not run on are left to
-Inductor.
+torch.compiler.reset(); a recompile after a `with enable_compile_fusion():` block ended, e.g. for a new
+batch size, runs without the pass: Inductor reads the pass from its configuration at each compilation;
+torch.compile(..., options=fusion_options()) keeps the pass with the compiled function); the Inductor
+backend (other backends, and torch.export, do not run Inductor's passes: export a converted model
+instead); inputs gn_triton does not run on are left to Inductor.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import operator
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -154,10 +159,14 @@ def _replace(graph: Graph, gn: Node) -> bool:
         return False
 
     # Walk the chain gn -> [* m] -> [+ t] -> [activation], each step the previous one's only user.
-    chain, scale, shift = [gn], None, None
+    chain, one_plus, scale, shift = [gn], None, None, None
     user = _only_user(gn)
-    if _per_sample(m := _other_operand(user, _MULS, "mul", gn), y_val):
-        scale, chain = m, [*chain, user]
+    m = _other_operand(user, _MULS, "mul", gn)
+    # Only a multiplier written as `1 + s` is folded (as scale = s): any other m would have to become
+    # m - 1, which the kernel turns back into 1 + (m - 1), losing m where it is small (m = 1e-8 in fp32
+    # gives 0). Such a multiply stays in the graph, and so does what follows it.
+    if _per_sample(m, y_val) and (s := _one_plus(m)) is not None and _per_sample(s, y_val):
+        one_plus, scale, chain = m, s, [*chain, user]
     user = _only_user(chain[-1])
     if _per_sample(t := _other_operand(user, _ADDS, "add", chain[-1]), y_val):
         shift, chain = t, [*chain, user]
@@ -169,10 +178,7 @@ def _replace(graph: Graph, gn: Node) -> bool:
     with graph.inserting_before(end):  # every operand of the chain is defined before its last node
         scale_node = shift_node = None
         if scale is not None:
-            s = _one_plus(scale)
-            if s is None or not _per_sample(s, y_val):
-                s = graph.call_function(operator.sub, (scale, 1))
-            scale_node = graph.call_method("flatten", (s, 1))  # (N, C, 1, ..., 1) -> (N, C)
+            scale_node = graph.call_method("flatten", (scale, 1))  # (N, C, 1, ..., 1) -> (N, C)
         if shift is not None:
             shift_node = graph.call_method("flatten", (shift, 1))
         fused = graph.call_function(
@@ -185,8 +191,8 @@ def _replace(graph: Graph, gn: Node) -> bool:
     end.replace_all_uses_with(y)
     for node in reversed(chain):
         graph.erase_node(node)
-    if scale is not None and not scale.users and _one_plus(scale) is not None:
-        graph.erase_node(scale)  # the `1 + s` the op now computes itself
+    if one_plus is not None and not one_plus.users:
+        graph.erase_node(one_plus)  # the `1 + s` the op now computes itself
     return True
 
 
@@ -229,11 +235,36 @@ def _set_enabled(enabled: bool) -> None:
         inductor_config.pre_grad_custom_pass = inductor_config.pre_grad_custom_pass.previous
 
 
+# torch 2.13's Inductor config holds each value per thread (a ContextVar): the pass enabled in one thread
+# is not seen by compilations in another. torch 2.11's is one value for the process.
+_PER_THREAD = isinstance(
+    getattr(inductor_config._config.get("pre_grad_custom_pass"), "user_override", None), ContextVar
+)
+
+
+def _installed_pass() -> Any:
+    return inductor_config.pre_grad_custom_pass
+
+
+def _install_pass(before: Any) -> None:  # one function: the switches of this setting are keyed by it
+    inductor_config.pre_grad_custom_pass = before
+
+
 def _switch(enabled: bool) -> Switch:
     """The pre-grad pass from before the call comes back when the switch is used as a context manager."""
-    return Switch(lambda: inductor_config.pre_grad_custom_pass,
-                  lambda before: setattr(inductor_config, "pre_grad_custom_pass", before),
-                  lambda: _set_enabled(enabled))  # fmt: skip
+    return Switch(_installed_pass, _install_pass, lambda: _set_enabled(enabled), per_thread=_PER_THREAD)
+
+
+def fusion_options() -> dict[str, Any]:
+    """torch.compile options that carry the pass with one compiled function, every recompilation
+    included, whatever the switches say later:
+
+        compiled = torch.compile(model, options=gn_triton.compile_fusion.fusion_options())
+
+    (Inductor applies a compiled function's options at each of its compilations; the pass installed
+    when this is called, if any and not gn_triton's, runs first, as with enable_compile_fusion.)"""
+    installed = inductor_config.pre_grad_custom_pass
+    return {"pre_grad_custom_pass": _FusionPass(installed.previous if _enabled() else installed)}
 
 
 def enable_compile_fusion() -> Switch:

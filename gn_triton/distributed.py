@@ -18,6 +18,12 @@ differing along at most one non-channel dimension (any sizes, also empty). A cal
             of both, one write).
 Every rank must run both, as with any collective layer (SyncBatchNorm).
 
+Double backward (create_graph=True: gradient penalties, MAML): when the backward runs with a graph
+being built, it rebuilds this rank's output from the saved tensors in differentiable torch ops, the
+statistics gathered with differentiable collectives (torch.distributed.nn.functional.all_reduce), and
+returns their vector-Jacobian product: exact to any order, slower than the kernels, and every rank must
+take part (as in every backward). Without create_graph the backward runs the kernels above.
+
 The result equals gn_triton.group_norm on the full tensor. The gradients of weight, bias, scale and
 shift are this rank's contribution (over its own positions): summed over the ranks they are the full
 gradient, as for every other layer of a spatially sharded model (sum them as the model's other
@@ -37,7 +43,7 @@ import struct
 import torch
 import torch.distributed as dist
 
-from . import _checks, _parts
+from . import _activations, _checks, _parts
 from ._launch import stats_dtype
 from ._plan import Affine
 from .modules import GroupNorm as _GroupNorm
@@ -160,6 +166,37 @@ def shard_dx(dy, input, num_groups: int, affine: Affine, stats, total: torch.Ten
     return run(dy, input, num_groups, affine, mean, mean_lo, rstd, coef_x, coef_1)
 
 
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    """The sum over the ranks, differentiable (its backward sums the ranks' gradients)."""
+    from torch.distributed.nn.functional import all_reduce  # imported here: it pulls in torch.distributed.nn
+
+    return all_reduce(t, group=group)
+
+
+def _differentiable_shard_output(input, weight, bias, scale, shift, num_groups, eps, activation, group, out_dtype):
+    """What shard_output computes, in differentiable torch ops with differentiable collectives (the
+    statistics as functions of every shard): the backward builds its graph from it when asked to
+    (create_graph=True), so that gradients of gradients are right across the ranks."""
+    N, C = input.shape[:2]
+    acc = stats_dtype(input)
+    rows = input.to(acc).reshape(N, num_groups, -1)
+    count = _all_reduce(torch.full((N, num_groups), rows.shape[-1], dtype=acc, device=input.device), group)
+    mean = _all_reduce(rows.sum(-1), group) / count
+    xc = rows - mean[..., None]
+    rstd = torch.rsqrt(_all_reduce((xc * xc).sum(-1), group) / count + eps)
+    z = (xc * rstd[..., None]).reshape(N, C, -1)
+    if weight is not None:
+        z = z * weight.to(acc)[:, None]
+    if bias is not None:
+        z = z + bias.to(acc)[:, None]
+    if scale is not None:
+        z = z * (1 + scale.to(acc)[..., None])
+    if shift is not None:
+        z = z + shift.to(acc)[..., None]
+    y = z if activation is None else _activations.ACTIVATIONS[activation].torch(z)
+    return y.reshape(input.shape).to(out_dtype)
+
+
 class _ShardedGroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, scale, shift, num_groups, eps, activation, group, out_dtype):
@@ -167,20 +204,33 @@ class _ShardedGroupNorm(torch.autograd.Function):
         stats = whole_statistics(gathered, eps, stats_dtype(input))
         y = shard_output(input, num_groups, Affine(weight, bias, scale, shift, activation), stats, out_dtype)
         ctx.save_for_backward(input, weight, bias, scale, shift, *stats)
-        ctx.num_groups, ctx.activation, ctx.group = num_groups, activation, group
+        ctx.num_groups, ctx.eps, ctx.activation = num_groups, eps, activation
+        ctx.group, ctx.out_dtype = group, out_dtype
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         input, weight, bias, scale, shift, *stats = ctx.saved_tensors
-        affine = Affine(weight, bias, scale, shift, ctx.activation)
         needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+            return _ShardedGroupNorm._differentiable_backward(ctx, dy, input, weight, bias, scale, shift)
+        affine = Affine(weight, bias, scale, shift, ctx.activation)
         sums, *grads = shard_grad_sums(dy, input, ctx.num_groups, affine, stats, needs[1:5])
         total = _all_gather(sums, ctx.group).sum(0)  # the same fixed-order total on every rank
         dx = shard_dx(dy, input, ctx.num_groups, affine, stats, total) if needs[0] else None
         grads = tuple(g if need and g.numel() else None for g, need in zip(grads, needs[1:5]))
         return (dx, *grads, None, None, None, None, None)
+
+    @staticmethod
+    def _differentiable_backward(ctx, dy, *tensors):
+        """The gradients as the vector-Jacobian product of the forward rebuilt in torch ops from the
+        saved tensors (which carry their graph under create_graph): slower than the kernels, exact to
+        any order. Every rank runs it, as every rank runs the backward."""
+        wanted = [t for t, need in zip(tensors, ctx.needs_input_grad[:5]) if need and t is not None]
+        y = _differentiable_shard_output(*tensors, ctx.num_groups, ctx.eps, ctx.activation, ctx.group, ctx.out_dtype)
+        found = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True) if wanted else ())
+        grads = [next(found) if need and t is not None else None for t, need in zip(tensors, ctx.needs_input_grad[:5])]
+        return (*grads, None, None, None, None, None)
 
 
 @torch.compiler.disable

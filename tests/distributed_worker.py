@@ -6,9 +6,9 @@ needs a __main__):
 Every rank builds the same full tensors from one seed, runs its shard (a slab along H of 4-D or T of
 5-D input, of uneven sizes, some empty) through gn_triton.distributed.group_norm forward and backward,
 and compares with the float64 reference of the full tensor: its slab of y and dx, and the parameters'
-gradients summed over the ranks (all_reduce). Then bad and mismatched arguments, which must raise on
-every rank. Each rank writes OUT_DIR/rank<r>.json: [{"case": ..., "errors": {...}} or {"case": ...,
-"raised": "Type: message"}].
+gradients summed over the ranks (all_reduce); a gradient penalty (double backward) against torch. Then
+bad and mismatched arguments, which must raise on every rank. Each rank writes OUT_DIR/rank<r>.json:
+[{"case": ..., "errors": {...}} or {"case": ..., "raised": "Type: message"}].
 """
 
 import json
@@ -18,6 +18,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from gn_testing import error as relative_error
 from gn_testing import forced, make_input, make_modulation, make_params, reference
 
@@ -85,6 +86,36 @@ def run_case(rank: int, world: int, case) -> dict:
     return {"case": name, "sizes": sizes, "tolerance": TOLERANCE[dtype], "errors": errors}
 
 
+def gradient_penalty(rank: int, world: int) -> dict:
+    """Double backward: the gradient of (loss + |d loss/dx|^2) through the shards (create_graph=True)
+    against torch's F.group_norm of the whole tensor in float64 (x's slab, weight and bias summed)."""
+    shape, G, dim = (2, 6, 9, 5), 3, 2
+    torch.manual_seed(7)
+    x = make_input(shape, torch.float64, offset=3.0)
+    weight, bias = make_params(shape[1], torch.float64)
+    dy = torch.randn(shape, dtype=torch.float64)
+
+    def penalised(f, x, w, b, dy):
+        loss = (f(x, w, b) * dy).sum()
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        return loss + (g * g).sum()
+
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    penalised(lambda x, w, b: F.silu(F.group_norm(x, G, w, b)), *leaves, dy).backward()
+    expected = [t.grad for t in leaves]
+    sizes = shard_sizes(shape[dim], world)
+    start = sum(sizes[:rank])
+    x_shard, w, b = (t.detach().clone().requires_grad_() for t in (x.narrow(dim, start, sizes[rank]), weight, bias))
+    dy_shard = dy.narrow(dim, start, sizes[rank])
+    penalised(lambda x, w, b: gnd.group_norm(x, G, w, b, activation="silu"), x_shard, w, b, dy_shard).backward()
+    errors = {"dx": relative_error(x_shard.grad, expected[0].narrow(dim, start, sizes[rank]))}
+    for what, leaf, e in zip(("dweight", "dbias"), (w, b), expected[1:]):
+        total = leaf.grad.clone()
+        dist.all_reduce(total)  # this rank's contribution, summed: the full gradient
+        errors[what] = relative_error(total, e)
+    return {"case": "gradient penalty (double backward)", "tolerance": 1e-10, "errors": errors}
+
+
 def bad_calls(rank: int, world: int):
     """(name, call): arguments that are wrong on one rank or differ between ranks."""
     x = torch.randn(2, 4, 3 + rank, 5, dtype=torch.float64)
@@ -106,6 +137,7 @@ def worker(rank: int, world: int, out: str, port: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     results = [run_case(rank, world, case) for case in CASES]
+    results.append(gradient_penalty(rank, world))
     for name, call in bad_calls(rank, world):
         try:
             call()

@@ -14,15 +14,29 @@ from cases import PLANS, SIXTEEN_BIT
 
 import gn_triton
 from gn_triton import _tuning
-from gn_triton.functional import TORCH_ACTIVATIONS  # noqa: F401  (tests take torch's activations from here)
-from gn_triton.functional import _torch_epilogue as torch_epilogue
 from gn_triton.reference import TOLERANCE, group_norm_reference
 from gn_triton.reference import relative_error as error
 
 OUTPUTS = ("y", "dx", "dweight", "dbias", "dscale", "dshift")
 
-# torch's form of each fused activation, kept apart from gn_triton's own table (its CPU fallback)
-# so that the fallback is compared with something it does not share.
+# torch's form of each fused activation, kept apart from gn_triton's own table (gn_triton._activations,
+# which its CPU fallback reads) so that the fallback is compared with something it does not share.
+TORCH_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+}
+
+
+def torch_epilogue(y, activation=None, scale=None, shift=None):
+    """y*(1 + scale) + shift per (n, c), then the activation, in torch's own ops (written here, not
+    taken from gn_triton)."""
+    per_channel = (*y.shape[:2], *([1] * (y.dim() - 2)))
+    if scale is not None:
+        y = y * (1 + scale.reshape(per_channel))
+    if shift is not None:
+        y = y + shift.reshape(per_channel)
+    return y if activation is None else TORCH_ACTIVATIONS[activation](y)
 
 
 def make_input(shape, dtype=torch.float32, device="cpu", offset=0.0, scale=1.0, layout="contiguous"):
@@ -80,8 +94,7 @@ def forced(plan: str):
 
 
 def torch_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, scale=None, shift=None):
-    """torch's own ops: F.group_norm, then y*(1 + scale) + shift per (n, c), then the activation (the
-    torch fallback's epilogue)."""
+    """torch's own ops: F.group_norm, then y*(1 + scale) + shift per (n, c), then the activation."""
     return torch_epilogue(F.group_norm(x, num_groups, weight, bias, eps), activation, scale, shift)
 
 

@@ -1,6 +1,8 @@
 """Groups of 2^31 elements or more (G = 1 on a tensor over 2^31 elements): int64 offsets, and a group
 size that does not wrap around in int32 (it once did, and dx came out wrong)."""
 
+import contextlib
+
 import pytest
 import torch
 import triton
@@ -33,8 +35,43 @@ def _chunks(t: torch.Tensor, size: int = 1 << 26):
     return (flat[i : i + size] for i in range(0, flat.numel(), size))
 
 
+# Each path's forced plan fields (the split: 256 spans of the 2^31 elements, with the heuristic tile);
+# the calls' plans are then checked to be that path's (split > 1 or not).
+PATHS = {"fused": dict(split=1), "split": dict(split=256)}
+
+
+@contextlib.contextmanager
+def plans_chosen(monkeypatch, path, **fields):
+    """Force `path` (and `fields`) for the calls inside the block and collect (direction, plan) of
+    each call."""
+    chosen, real = [], _tuning.choose_plan
+
+    def spy(direction, *args, **kwargs):
+        plan = real(direction, *args, **kwargs)
+        chosen.append((direction, plan))
+        return plan
+
+    monkeypatch.setattr(_tuning, "choose_plan", spy)
+    with _tuning.override_plan(**PATHS[path], **fields):
+        yield chosen
+
+
+def assert_ran(chosen, path):
+    assert [d for d, _ in chosen] == ["fwd", "bwd"], chosen
+    assert all((plan.split > 1) == (path == "split") for _, plan in chosen), chosen
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_paths_are_forced_and_checked(path, monkeypatch, device):
+    """The mechanism of the 2^31 test on a tiny G = 1 tensor: the forced path is the one that runs."""
+    x = torch.randn(1, 2, 4096, device=device, requires_grad=True)
+    with plans_chosen(monkeypatch, path, block_s=1024) as chosen:  # 4 spans of a tile each
+        gn_triton.group_norm(x, 1).sum().backward()
+    assert_ran(chosen, path)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("path", PATHS)
 def test_group_norm_over_2_31_elements(path, monkeypatch):
     """Forward and backward of G = 1 on 2^31 + 128 fp16 elements against float64 sums taken chunk by
     chunk; dx and y are compared on the first and last 4096 positions of each channel."""
@@ -45,10 +82,10 @@ def test_group_norm_over_2_31_elements(path, monkeypatch):
     w = torch.tensor([1.25, 0.75], device="cuda", requires_grad=True)
     b = torch.tensor([0.5, -0.5], device="cuda", requires_grad=True)
     xr = x.detach().requires_grad_()
-    plan = {"split": 1} if path == "fused" else {}
-    with _tuning.override_plan(**plan):
+    with plans_chosen(monkeypatch, path) as chosen:
         y = gn_triton.group_norm(xr, 1, w, b)
         y.backward(dy)
+    assert_ran(chosen, path)
 
     n = x.numel()
     mean = sum(c.double().sum() for c in _chunks(x)) / n

@@ -27,8 +27,8 @@ from gn_triton.compile_fusion import fuse_group_norms
 OP = "torch.ops.gn_triton.group_norm_fwd.default("
 # Inductor names each generated kernel after the ATen ops it fuses (cpp_fused_..._silu_1, triton_..._silu_0).
 SILU_KERNEL = re.compile(r"fused_\w*silu")
-TOL = 1e-9  # float64 against float64; the only difference is eps applied in fp32 (see README)
-EPS = 2.0**-16  # the pattern cases' eps: exact in fp32, so they compare arithmetic only
+TOL = 1e-9  # float64 against float64: the order of sums differs (fp64 kernels take eps as an fp32 pair, to ~2^-48)
+EPS = 2.0**-16  # the pattern cases' eps: exact in every dtype
 
 
 @pytest.fixture(autouse=True)
@@ -250,7 +250,7 @@ def remaining(graph, *targets):
 FUSING = {
     "h*(1+s)+t, silu": (lambda h, s, t: F.silu(h * (1 + s) + t), ("silu", True, True)),
     "torch.mul/add, s+1, gelu": (lambda h, s, t: F.gelu(torch.add(torch.mul(h, s + 1), t)), ("gelu", True, True)),
-    "h*m+t (scale=m-1), gelu tanh": (lambda h, s, t: F.gelu(h * s + t, approximate="tanh"), ("gelu_tanh", True, True)),
+    "h*(1+s)+t, gelu tanh": (lambda h, s, t: F.gelu(h * (1 + s) + t, approximate="tanh"), ("gelu_tanh", True, True)),
     "methods, operands swapped": (lambda h, s, t: t.add((1 + s).mul(h)), (None, True, True)),
     "shift only, SiLU module": (lambda h, s, t: torch.nn.SiLU()(h + t), ("silu", False, True)),
     "scale only": (lambda h, s, t: h * (1 + s), (None, True, False)),
@@ -268,6 +268,7 @@ PARTIAL = {
     "per-channel, not per-sample": (lambda h, s, t: F.silu(h * (1 + s[:1])), (None, False, False)),
     "operand of another dtype": (lambda h, s, t: F.silu(h * (1 + s.float())), (None, False, False)),
     "scalar multiple": (lambda h, s, t: F.silu(h * 2), (None, False, False)),
+    "general multiplier h*m+t: the multiply stays": (lambda h, s, t: F.silu(h * s + t), (None, False, False)),
 }
 
 
@@ -373,4 +374,67 @@ def test_switch_is_idempotent_a_context_manager_and_keeps_a_users_pass():
         inductor_config.pre_grad_custom_pass = None
     with gn_triton.enable_compile_fusion():
         assert isinstance(inductor_config.pre_grad_custom_pass.uuid(), tuple)  # cacheable
+    assert inductor_config.pre_grad_custom_pass is None
+
+
+@pytest.mark.parametrize(
+    "dtype, size",
+    [(torch.float32, 1e-8), (torch.float32, 1e-3), (torch.bfloat16, 1e-2)],
+    ids=["fp32 1e-8", "fp32 1e-3", "bf16 1e-2"],
+)
+def test_a_general_multiplier_stays_exact(dtype, size, device):
+    """`group_norm(x) * m` with m not written as 1 + s: the op normalises, the multiply stays in the
+    graph, and the result is as close to float64 as torch's eager one (folding m as scale = m - 1
+    gave zeros for fp32 m = 1e-8, 1.4e-5 relative error for 1e-3 and 9.7% for bf16 1e-2)."""
+    fused = []
+
+    def backend(gm, example_inputs):
+        fused.append((fuse_group_norms(gm.graph), len(remaining(gm.graph, operator.mul))))
+        gm.recompile()
+        return gm
+
+    x = (3 + torch.randn(2, 6, 5, 3, dtype=torch.float64, device=device)).to(dtype)
+    m = (size * (1 + torch.rand(2, 6, 1, 1, dtype=torch.float64, device=device))).to(dtype)
+    got = torch.compile(lambda x, m: F.group_norm(x, 3) * m, backend=backend, fullgraph=True)(x, m)
+    expected = F.group_norm(x.double(), 3) * m.double()
+    eager = F.group_norm(x, 3) * m
+
+    def error(y):
+        return ((y.double() - expected).abs().max() / expected.abs().max()).item()
+
+    assert error(got) <= 2 * error(eager) + (1e-6 if dtype is torch.float32 else 1e-3)
+    assert fused == [(1, 1)]  # the op normalises; the multiply is still there
+
+
+def test_a_recompile_after_the_context_block_runs_without_the_fusion(device):
+    """The pass is part of Inductor's configuration when a graph compiles, not of the compiled
+    function: a recompile (here a new batch size) after `with enable_compile_fusion():` ended lowers
+    GroupNorm with Inductor's own kernels (documented in compile_fusion and docs/usage.md)."""
+    norm = torch.nn.GroupNorm(2, 4).double().to(device)
+    compiled = torch.compile(lambda x: F.silu(norm(x)), fullgraph=True)
+    with torch.no_grad():
+        with gn_triton.enable_compile_fusion(), generated_code() as codes:
+            compiled(torch.randn(2, 4, 3, dtype=torch.float64, device=device))
+        assert fused_calls("\n".join(codes))
+        with generated_code() as codes:
+            x = torch.randn(3, 4, 3, dtype=torch.float64, device=device)
+            y = compiled(x)
+        code = "\n".join(codes)
+        assert code and not fused_calls(code) and "native_group_norm" in code
+        assert (y - F.silu(norm(x))).abs().max() <= TOL
+
+
+def test_fusion_options_keep_the_pass_with_the_compiled_function(device):
+    """torch.compile(..., options=fusion_options()): the first compile and the recompile for a new
+    batch size both fuse, with the switches off."""
+    norm = torch.nn.GroupNorm(2, 4).double().to(device)
+    compiled = torch.compile(lambda x: F.silu(norm(x)), options=gn_triton.compile_fusion.fusion_options())
+    with torch.no_grad():
+        for batch in (2, 3):
+            x = torch.randn(batch, 4, 3, dtype=torch.float64, device=device)
+            with generated_code() as codes:
+                y = compiled(x)
+            [call] = fused_calls("\n".join(codes))
+            assert epilogue(call) == ("'silu'", False, False)
+            assert (y - F.silu(norm(x))).abs().max() <= TOL
     assert inductor_config.pre_grad_custom_pass is None

@@ -1,7 +1,8 @@
 """A real model family end to end: diffusers' UNet2DModel and AutoencoderKL from small configs
 (random init, nothing downloaded), converted with gn_triton.convert_model. Forward outputs and every
-parameter gradient must match the unconverted model (float64: a tight tolerance; the only
-difference is eps applied in fp32, see README). Needs the `models` extra (diffusers)."""
+parameter gradient must match the unconverted model (float64: a tight tolerance, as only the order
+of sums differs; fp64 kernels take eps as an fp32 pair, exact to ~2^-48). Needs the `models` extra
+(diffusers)."""
 
 import copy
 

@@ -134,15 +134,21 @@ OUTLIER_PLANS = {
 }
 
 
-def fp32_errors(x, num_groups, plan):
-    """Relative errors of (y, dx, dweight, dbias) against float64: gn_triton's under `plan`, torch's."""
+def assert_fp32_level(x, num_groups, plan, hard_for_torch=False):
+    """gn_triton's (y, dx, dweight, dbias) under `plan` within 1e-6 (relative) of float64, each. With
+    hard_for_torch, the data is also checked to be what the test says it is: one where torch's own
+    fp32 kernel loses accuracy (its worst output beyond 1e-5, measured 4e-5 to 6e-3 on these cases),
+    so that the 1e-6 bound tests the statistics' form and not easy data."""
     w, b = make_params(x.shape[1], torch.float32, x.device)
     dy = torch.randn_like(x)
     with _tuning.override_plan(**plan):
         ours = forward_backward(gn_triton.group_norm, x, num_groups, w, b, dy)
     theirs = forward_backward(torch_group_norm, x, num_groups, w, b, dy)
     ref = reference(x, num_groups, w, b, dy)
-    return [error(o, r) for o, r in zip(ours[:4], ref[:4])], [error(t, r) for t, r in zip(theirs[:4], ref[:4])]
+    ours, theirs = ([error(t, r) for t, r in zip(ts[:4], ref[:4])] for ts in (ours, theirs))
+    assert max(ours) < 1e-6, f"gn_triton {ours}, torch {theirs}"
+    if hard_for_torch:
+        assert max(theirs) > 1e-5, f"torch's fp32 kernel is as good as gn_triton here: {theirs}"
 
 
 @pytest.mark.parametrize("path", LONG_ROW_PLANS)
@@ -151,8 +157,7 @@ def test_long_group(dtype, path, device):
     """One group of 2^20 elements: every lane sums 2^20 / tile elements."""
     x = make_input((1, 4, 2**18), dtype, device, offset=1.0)
     if dtype == torch.float32:
-        ours, _ = fp32_errors(x, 1, LONG_ROW_PLANS[path])
-        assert max(ours) < 1e-6, ours
+        assert_fp32_level(x, 1, LONG_ROW_PLANS[path])
     else:
         w, b = make_params(4, dtype, device)
         with _tuning.override_plan(**LONG_ROW_PLANS[path]):
@@ -172,8 +177,7 @@ def test_outlier_first_element(outlier, offset, path, device):
     x = make_input((2, 8, 4096), torch.float64, device, offset=offset)
     x[:, 0, 0] += outlier
     x[:, 4, 0] -= outlier
-    ours, _ = fp32_errors(x.float(), 2, OUTLIER_PLANS[path])
-    assert max(ours) < 1e-6, ours
+    assert_fp32_level(x.float(), 2, OUTLIER_PLANS[path], hard_for_torch=offset > 0)
 
 
 @pytest.mark.parametrize("path", OUTLIER_PLANS)
@@ -182,8 +186,7 @@ def test_ramp(start, stop, path, device):
     """Values increasing along each group: every span and every lane sees a different mean."""
     ramp = torch.linspace(start, stop, 8 * 4096, dtype=torch.float64, device=device).reshape(1, 8, 4096)
     x = (ramp.repeat(2, 1, 1) + 1e-3 * torch.randn(2, 8, 4096, dtype=torch.float64, device=device)).float()
-    ours, _ = fp32_errors(x, 2, OUTLIER_PLANS[path])
-    assert max(ours) < 1e-6, ours
+    assert_fp32_level(x, 2, OUTLIER_PLANS[path], hard_for_torch=start > 0)
 
 
 # The split path's channel chunks (Plan.chunks: a group's channels over several programs, so that a
@@ -222,8 +225,7 @@ def test_channel_chunks_fp32_level(offset, device):
     """fp32 relative error <= 1e-6 against float64 with the channels in chunks (C/G = 10 in 5 chunks
     of 2, as the planner cuts the groups of C320 G32), on data offset by `offset`."""
     x = make_input((1, 20, 64, 64), torch.float32, device, offset=offset)
-    ours, _ = fp32_errors(x, 2, dict(split=2, groups_per_program=1, block_c=2, block_s=1024, wave_blocks=0, chunks=5))
-    assert max(ours) < 1e-6, ours
+    assert_fp32_level(x, 2, dict(split=2, groups_per_program=1, block_c=2, block_s=1024, wave_blocks=0, chunks=5))
 
 
 def test_channel_chunks_are_deterministic(device):
