@@ -317,7 +317,7 @@ class ForwardProgram(_Program):
         if program is None:
             affine = Affine(*tensors, self.activation)
             program = _plan_backward(x, dy, self.num_groups, affine, needs, self.stats, work)
-            self.backward[key] = program
+            keep(self.backward, key, program, x.device)
         return program
 
 
@@ -361,7 +361,10 @@ _FORWARD: dict[tuple, ForwardProgram] = {}
 _BACKWARD: dict[tuple, BackwardProgram] = {}
 
 
-def _kept(cache: dict, key: tuple, program):
+def keep(cache: dict, key: tuple, program, device: torch.device):
+    """Keep `program` under `key` (not one planned provisionally, see _tuning.provisional)."""
+    if _tuning.provisional(device):
+        return program
     if len(cache) >= _MAX_PROGRAMS:
         cache.clear()
     cache[key] = program
@@ -382,7 +385,7 @@ def forward_program(x: torch.Tensor, num_groups: int, eps: float, affine: Affine
             ForwardProgram(key, x, num_groups, affine, out_dtype, plan)(x, tensors, eps)
 
         plan = _tuning.choose_plan("fwd", p, x.device, timed)
-        program = _kept(_FORWARD, key, ForwardProgram(key, x, num_groups, affine, out_dtype, plan))
+        program = keep(_FORWARD, key, ForwardProgram(key, x, num_groups, affine, out_dtype, plan), x.device)
     return program
 
 
@@ -441,7 +444,8 @@ def gn_bwd(
            *map(_meta, stats), *needs)  # fmt: skip
     program = _BACKWARD.get(key)
     if program is None:
-        program = _kept(_BACKWARD, key, _plan_backward(x, grad_out, num_groups, affine, needs, None, stats))
+        program = _plan_backward(x, grad_out, num_groups, affine, needs, None, stats)
+        keep(_BACKWARD, key, program, x.device)
     grads = program(grad_out, x, tensors, stats)
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 

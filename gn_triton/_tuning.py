@@ -310,6 +310,12 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def provisional(device: torch.device) -> bool:
+    """Whether a plan chosen now stands in for a tuned one still to come (under CUDA-graph capture,
+    where nothing is timed): a launch program planned now is used, not kept."""
+    return autotune_enabled(device) and _capturing()
+
+
 def choose_plan(
     direction: str,
     p: Problem,

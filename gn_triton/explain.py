@@ -84,8 +84,9 @@ def describe(direction: str, p: Problem, plan: Plan, pred: Prediction, device: D
         f"  time: {pred.time_us:.1f} us predicted (GPU {pred.gpu_us:.1f} us, host {pred.host_us:.1f} us)"
         f" = {pred.pct_copy_bw(device):.0f}% of the {device.copy_gbps:.0f} GB/s copy bandwidth",
         "  HOST-BOUND: in eager mode the GPU waits for the call's host path (CUDA graphs, or torch.compile's "
-        "cudagraph modes, remove it)" if pred.host_bound else "  GPU-bound: the host path is hidden behind the "
-        "GPU's work",
+        "cudagraph modes, remove it)"
+        if pred.host_bound
+        else "  GPU-bound: the host path is hidden behind the GPU's work",
     ]
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _activations, _checks, _launch, _ops, autograd
+from ._plan import Affine
 from .autograd import GroupNormFunction
 
 # torch's own form of each fused activation (the CPU fallback; also what peers are timed with).
@@ -53,15 +54,7 @@ def group_norm(
     if autograd.eager(input):
         out_dtype = input.dtype if keep_input_dtype else _checks.output_dtype(input)
         tensors = (weight, bias, scale, shift)
-        key = _checked_key(input, num_groups, tensors, eps, activation, out_dtype)
-        program = _CHECKED.get(key)
-        if program is None:
-            _check(input, num_groups, weight, bias, eps, activation, scale, shift)
-            if input.numel() and _checks.backend_for(input) != "torch" and key is not None:
-                program = _launch.forward_program(
-                    input, num_groups, float(eps), _launch.Affine(*tensors, activation), out_dtype, key[0]
-                )
-                _CHECKED[key] = program
+        program = _eager_program(input, num_groups, tensors, eps, activation, out_dtype)
         if program is not None:
             return autograd.run(program, input, tensors, eps)
     _check(input, num_groups, weight, bias, eps, activation, scale, shift)
@@ -83,15 +76,22 @@ def group_norm(
 _CHECKED: dict[tuple, _launch.ForwardProgram] = {}
 
 
-def _checked_key(input, num_groups, tensors, eps, activation, out_dtype) -> tuple | None:
-    """The eager route's key of a call: its launch signature and the types of num_groups and eps; None
-    for arguments that have none (not tensors, unhashable: the checks say what is wrong with them)."""
+def _eager_program(input, num_groups, tensors, eps, activation, out_dtype) -> _launch.ForwardProgram | None:
+    """The eager route's launch program for this call: planned at the first call of its signature,
+    after the argument checks (which raise on bad arguments); None where the call does not run on the
+    kernels (empty input, a dtype or device they do not take)."""
     try:
         key = (_launch.signature(input, num_groups, tensors, activation, out_dtype), type(num_groups), type(eps))
-        hash(key)
-    except (AttributeError, TypeError, RuntimeError):
-        return None
-    return key
+        program = _CHECKED.get(key)
+    except (AttributeError, TypeError, RuntimeError):  # not tensors, unhashable: the checks say what is wrong
+        key = program = None
+    if program is None:
+        _check(input, num_groups, *tensors[:2], eps, activation, *tensors[2:])
+        if key is not None and input.numel() and _checks.backend_for(input) != "torch":
+            affine = Affine(*tensors, activation)
+            program = _launch.forward_program(input, num_groups, float(eps), affine, out_dtype, key[0])
+            _launch.keep(_CHECKED, key, program, input.device)
+    return program
 
 
 def _check(input, num_groups, weight, bias, eps, activation, scale, shift) -> None:

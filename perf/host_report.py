@@ -47,14 +47,22 @@ def _empty_kernel(X, n, BLOCK: tl.constexpr):
 
 def cpu_us(call, calls: int, repeats: int) -> float:
     """Best of `repeats` of the CPU time per call of `calls` calls (after one warm-up call)."""
-    call()
-    best = float("inf")
+    return best_of({"call": (call, calls)}, repeats)["call"]
+
+
+def best_of(calls: dict, repeats: int) -> dict[str, float]:
+    """{name: (call, n)} -> {name: best CPU us per call}: each repeat runs every name's n calls in turn,
+    so that a row and the references it is compared with see the same moments of a noisy machine."""
+    for call, _ in calls.values():
+        call()
+    best = dict.fromkeys(calls, float("inf"))
     for _ in range(repeats):
-        start = time.process_time()
-        for _ in range(calls):
-            call()
-        best = min(best, (time.process_time() - start) / calls)
-    return best * 1e6
+        for name, (call, n) in calls.items():
+            start = time.process_time()
+            for _ in range(n):
+                call()
+            best[name] = min(best[name], (time.process_time() - start) / n)
+    return {name: us * 1e6 for name, us in best.items()}
 
 
 def route_cpu_tensors_to_the_kernels() -> None:
@@ -87,7 +95,9 @@ class _FloorFunction(torch.autograd.Function):
         return torch.empty_like(input), None, None, torch.empty_like(weight), torch.empty_like(bias)
 
 
-def references(calls: int, repeats: int) -> dict[str, float]:
+def reference_calls() -> dict:
+    """The references' calls by name: L, the compiled entry, torch's own group_norm, T, and the
+    autograd.Function floor of a training step."""
     x = torch.empty(64)
     compiled = _empty_kernel[(1,)](x, 64, BLOCK=16)
     run, fn, meta = compiled.run, compiled.function, compiled.packed_metadata
@@ -97,20 +107,22 @@ def references(calls: int, repeats: int) -> dict[str, float]:
     floor_x = torch.empty(1, 1280, 8, 8, dtype=BF16, requires_grad=True)
     floor_w, floor_b = torch.randn(1280, requires_grad=True), torch.randn(1280, requires_grad=True)
 
+    @torch.enable_grad()  # also when measured beside a no-grad row
     def torch_step():
         y = F.silu(F.group_norm(step_x, 4, step_w, step_b))
         torch.autograd.grad(y, (step_x, step_w, step_b), y)
 
+    @torch.enable_grad()
     def floor_step():
         y = _FloorFunction.apply(floor_x, None, 1e-5, floor_w, floor_b)
         torch.autograd.grad(y, (floor_x, floor_w, floor_b), y)
 
     return {
-        "L": cpu_us(lambda: _empty_kernel[(1,)](x, 64, BLOCK=16), calls, repeats),
-        "compiled entry": cpu_us(lambda: run(1, 1, 1, 0, fn, meta, None, None, None, x, 64, 16), calls, repeats),
-        "torch group_norm, 64 elements": cpu_us(lambda: F.group_norm(small, 2), calls, repeats),
-        "T": cpu_us(torch_step, calls, repeats),
-        "autograd.Function floor of a step": cpu_us(floor_step, calls, repeats),
+        "L": lambda: _empty_kernel[(1,)](x, 64, BLOCK=16),
+        "compiled entry": lambda: run(1, 1, 1, 0, fn, meta, None, None, None, x, 64, 16),
+        "torch group_norm, 64 elements": lambda: F.group_norm(small, 2),
+        "T": torch_step,
+        "autograd.Function floor of a step": floor_step,
     }
 
 
@@ -124,21 +136,32 @@ SHAPES = [
 
 
 class Rows:
-    """The report's rows, each measured against the references of the same run."""
+    """The report's rows. Each is measured interleaved with L and T (best_of), and its budget is
+    reckoned from those: a ratio holds on a machine whose speed drifts."""
 
-    def __init__(self, ref: dict, calls: int, repeats: int) -> None:
-        self.ref, self.calls, self.repeats, self.rows = ref, calls, repeats, []
+    def __init__(self, refs: dict, t_us: float, calls: int, repeats: int) -> None:
+        self.refs, self.t_us, self.calls, self.repeats, self.rows = refs, t_us, calls, repeats, []
 
-    def add(self, route: str, shape: str, call, budget_us: float | None = None, calls: int | None = None) -> float:
+    def add(self, route: str, shape: str, call, budget=None, calls: int | None = None, beside: dict | None = None,
+            with_t: bool = True):  # fmt: skip
+        """Measure `call` (calls per repeat: `calls`, default the report's); `budget(measured)` gives its
+        budget from the measured L, T and any `beside` calls (name: call), or None for no budget. T is left
+        out where the row's context would change it (the eager override reroutes torch's own group_norm):
+        the run's own T stands in."""
         launches = launches_of(call)
-        us = cpu_us(call, calls or self.calls, self.repeats)
-        L, T = self.ref["L"], self.ref["T"]  # noqa: N806 - the report's names
+        beside = dict(beside or {}, L=self.refs["L"], **({"T": self.refs["T"]} if with_t else {}))
+        measured = best_of({"row": (call, calls or self.calls)}
+                           | {name: (c, self.calls) for name, c in beside.items()}, self.repeats)  # fmt: skip
+        measured.setdefault("T", self.t_us)
+        us, L, T = measured["row"], measured["L"], measured["T"]  # noqa: N806 - the report's names
+        budget_us = None if budget is None else budget(measured)
         self.rows.append(dict(route=route, shape=shape, dtype="bf16", launches=launches, host_us=round(us, 2),
-                              in_L=round(us / L, 2), in_T=round(us / T, 3),
+                              L_us=round(L, 2), T_us=round(T, 2), in_L=round(us / L, 2), in_T=round(us / T, 3),
                               budget_us=None if budget_us is None else round(budget_us, 2),
-                              within=None if budget_us is None else us <= budget_us))  # fmt: skip
+                              within=None if budget_us is None else us <= budget_us,
+                              **{f"{k} us": round(measured[k], 2) for k in beside if k not in "LT"}))  # fmt: skip
         verdict = "" if budget_us is None else f"  budget {budget_us:8.1f} us {'ok' if us <= budget_us else 'OVER'}"
-        print(f"{route:<38} {shape:<28} {launches:>3} launches {us:9.1f} us {us / L:7.2f} L{verdict}")
+        print(f"{route:<38} {shape:<28} {launches:>3} launches {us:9.1f} us {us / L:6.2f} L {us / T:5.2f} T{verdict}")
         return us
 
 
@@ -148,20 +171,22 @@ def shape_rows(rows: Rows, label: str, n: int, c: int, spatial: tuple, g: int) -
     from gn_triton import _launch, stats
     from gn_triton._plan import Affine
 
-    L, T = rows.ref["L"], rows.ref["T"]  # noqa: N806 - the report's names
     x = torch.empty((n, c, *spatial), dtype=BF16)  # never read: the launcher does nothing
     w, b = torch.randn(c), torch.randn(c)
     big = n * c > 4096
     with torch.no_grad():
         call = lambda: gn_triton.group_norm(x, g, w, b, activation="silu")  # noqa: E731
-        launches = launches_of(call)
-        fn_us = rows.add("group_norm, no grad", label, call, (3 + launches - 1) * L, calls=3 if big else None)
+        extra = launches_of(call) - 1
+        rows.add("group_norm, no grad", label, call, lambda m: (3 + extra) * m["L"], calls=3 if big else None)
         if big:
             return
         module = gn_triton.GroupNorm(g, c, activation="silu")
-        rows.add("GroupNorm module, no grad", label, lambda: module(x), fn_us + L)
+        rows.add("GroupNorm module, no grad", label, lambda: module(x), lambda m: m["function"] + m["L"],
+                 beside={"function": call})  # fmt: skip
         with gn_triton.enable_eager_override():
-            rows.add("F.group_norm, eager override", label, lambda: F.group_norm(x, g, w, b), fn_us + 3 * L)
+            plain = lambda: gn_triton.group_norm(x, g, w, b)  # noqa: E731  (what the override's call computes)
+            rows.add("F.group_norm, eager override", label, lambda: F.group_norm(x, g, w, b),
+                     lambda m: m["function"] + 3 * m["L"], beside={"function": plain}, with_t=False)  # fmt: skip
         op = torch.ops.gn_triton.group_norm_fwd.default
         rows.add("custom op (a compiled graph's call)", label, lambda: op(x, w, b, g, 1e-5, "silu"))
         affine = Affine(w, b, None, None, "silu")
@@ -175,7 +200,8 @@ def shape_rows(rows: Rows, label: str, n: int, c: int, spatial: tuple, g: int) -
         y = gn_triton.group_norm(xg, g, wg, bg, activation="silu")
         torch.autograd.grad(y, (xg, wg, bg), dy)
 
-    rows.add("training step (fwd + autograd.grad)", label, step, T)
+    floor = rows.refs["autograd.Function floor of a step"]
+    rows.add("training step (fwd + autograd.grad)", label, step, lambda m: m["T"], beside={"autograd floor": floor})
 
 
 def main(argv=None) -> int:
@@ -187,11 +213,12 @@ def main(argv=None) -> int:
     stand_in_driver.use(stand_in_driver.StandInDriver(check=False))
     route_cpu_tensors_to_the_kernels()
     torch.set_num_threads(1)
-    ref = references(args.calls, args.repeats)
+    refs = reference_calls()
+    ref = best_of({name: (call, args.calls) for name, call in refs.items()}, args.repeats)
     print(f"triton {triton.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}")
     for name, us in ref.items():
-        print(f"reference {name:<34} {us:8.2f} us {us / ref['L']:6.2f} L")
-    rows = Rows(ref, args.calls, args.repeats)
+        print(f"reference {name:<34} {us:8.2f} us {us / ref['L']:6.2f} L {us / ref['T']:5.2f} T")
+    rows = Rows(refs, ref["T"], args.calls, args.repeats)
     for shape in SHAPES:
         shape_rows(rows, *shape)
     rows = rows.rows
