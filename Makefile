@@ -30,7 +30,7 @@ NEWEST_VENV := .venv-stacks/torch$(NEWEST_TORCH)-triton$(NEWEST_TRITON)
 FLOOR_PYTEST_ARGS ?= -m "not slow_family or smoke"
 NEWEST_PYTEST_ARGS ?= -m "stack_subset"
 
-.PHONY: test test-stacks test-floor test-newest bench lint static-report notebooks evidence rehearse-evidence clean
+.PHONY: test test-stacks test-floor test-newest bench host-report lint static-report notebooks evidence rehearse-evidence clean
 
 # $(call new_venv,DIR,TORCH_SPEC,TRITON_SPEC): a virtual environment holding exactly that torch and triton.
 define new_venv
@@ -82,6 +82,11 @@ test-stacks: test-floor test-newest
 # go to perf/out/<device>/.
 bench: $(VENV)/.perf
 	$(PY) -m perf.sweep $(BENCH_ARGS)
+
+# The host path's cost per call for every route (no GPU: triton's launch path with a stand-in driver),
+# as ratios to references measured in the same run: perf/results/host/ and docs/host-path.md.
+host-report: $(VENV)/.perf
+	env -u TRITON_INTERPRET $(PY) -m perf.host_report $(HOST_ARGS)
 
 # The time-boxed GPU benchmark job (perf/README.md): `make evidence OUT=DIR` on a GPU host (its own
 # python, no network needed: no venv), or its rehearsal on a CPU (Triton's interpreter, tiny shapes).

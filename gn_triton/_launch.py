@@ -89,7 +89,7 @@ def _new_grads(x, fmt, tensors, needs) -> tuple[torch.Tensor | None, ...]:
 # --- launch programs --------------------------------------------------------------------------------
 
 
-def _meta(t: torch.Tensor | None) -> tuple | None:
+def meta(t: torch.Tensor | None) -> tuple | None:
     """What of a tensor argument decides the launches: shape, strides, dtype, device, and whether its
     address is 16-byte aligned (triton specialises a pointer on it)."""
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
@@ -100,7 +100,7 @@ def signature(x: torch.Tensor, num_groups: int, tensors: Sequence, activation, o
     kernels' arguments depend on (every integer argument follows from the shapes). Also the current
     CUDA device, which triton launches on, and a forced plan (tests)."""
     device = torch.cuda.current_device() if x.is_cuda else None
-    return (_meta(x), num_groups, *map(_meta, tensors), activation, out_dtype, device, _tuning.override_key)
+    return (meta(x), num_groups, *map(meta, tensors), activation, out_dtype, device, _tuning.override_key)
 
 
 class _Step:
@@ -312,7 +312,7 @@ class ForwardProgram(_Program):
 
     def backward_program(self, dy, x, tensors: Sequence, work: torch.Tensor, needs: Sequence[bool]) -> BackwardProgram:
         """The backward of this forward for gradients like dy, reading the statistics from its workspace."""
-        key = (_meta(dy), *needs)
+        key = (meta(dy), *needs)
         program = self.backward.get(key)
         if program is None:
             affine = Affine(*tensors, self.activation)
@@ -440,8 +440,8 @@ def gn_bwd(
             g.zero_()
         return grads
     stats = tuple(t.contiguous() for t in (mean, mean_lo, rstd))  # e.g. expanded by vmap (tiny)
-    key = (signature(x, num_groups, tensors, affine.activation, grad_out.dtype), _meta(grad_out),
-           *map(_meta, stats), *needs)  # fmt: skip
+    key = (signature(x, num_groups, tensors, affine.activation, grad_out.dtype), meta(grad_out),
+           *map(meta, stats), *needs)  # fmt: skip
     program = _BACKWARD.get(key)
     if program is None:
         program = _plan_backward(x, grad_out, num_groups, affine, needs, None, stats)

@@ -29,6 +29,7 @@ from torch._C._functorch import TransformType, peek_interpreter_stack
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from . import _activations, _checks, _launch, _ops
+from ._plan import Affine
 
 
 def _backward(ctx, grad_out, backward_op=_ops.group_norm_bwd):
@@ -248,6 +249,12 @@ class EagerGroupNorm(torch.autograd.Function):
             weight, bias, scale, shift = tensors
             grads = _backward_twice_raises(grad_y, input, weight, bias, mean, mean_lo, rstd, program.num_groups,
                                            list(needs), program.activation, scale, shift)  # fmt: skip
+            grads = tuple(g if need else None for g, need in zip(grads, needs))
+        elif _launch.meta(input) != program.key[0]:
+            # A saved-tensor hook (offloading, say) gave x back in other strides or at another alignment than
+            # the forward's signature: the backward keyed on the tensors as they are.
+            affine = Affine(*tensors, program.activation)
+            grads = _launch.gn_bwd(grad_y, input, program.num_groups, affine, *program.statistics(work), needs)
             grads = tuple(g if need else None for g, need in zip(grads, needs))
         else:
             grads = program.backward_program(grad_y, input, tensors, work, needs)(grad_y, input, tensors, work)

@@ -167,3 +167,19 @@ def test_gradient_of_the_gradient_raises_on_the_eager_route(device):
     assert_close(dx, reference(x.detach(), 2, dy=dy)[1], TOLERANCE[torch.float32])
     with pytest.raises(RuntimeError, match="not twice differentiable"):
         torch.autograd.grad(dx.sum(), (x,))
+
+
+def test_a_saved_tensor_hook_that_changes_x_layout(device):
+    """Offloading hooks may give the saved x back in other strides: the backward follows the tensor it
+    gets, not the forward's signature."""
+    x = make_input((2, 8, 6, 6), device=device, offset=2.0).requires_grad_()
+    w, b = (t.requires_grad_() for t in make_params(8, device=device))
+    dy = torch.randn(2, 8, 6, 6, device=device)
+    relaid = lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t  # noqa: E731
+    expected = reference(x.detach(), 4, w.detach(), b.detach(), dy=dy, activation="silu")
+    for hooked in (False, True):  # the first step plans the backward for x as it was
+        with torch.autograd.graph.saved_tensors_hooks(relaid if hooked else (lambda t: t), lambda t: t):
+            y = gn_triton.group_norm(x, 4, w, b, activation="silu")
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+        for name, got, want in zip(("dx", "dweight", "dbias"), grads, expected[1:4]):
+            assert_close(got, want, TOLERANCE[torch.float32], f"{name}, hooked={hooked}")
