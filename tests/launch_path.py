@@ -16,7 +16,8 @@ instead of running it.
    through the compiled kernels' own entries launches the same binaries, on the same grids, with the
    same argument values (pointers as addresses: the call's allocations are replayed) as the same call
    through triton's JITFunction.run; and a call whose specialisation differs (an unaligned view after
-   an aligned one, S = 1, an integer argument of 1) never reuses another's binary.
+   an aligned one, S = 1, an integer argument of 1) never reuses another's binary; with a launch hook
+   set (a profiler's), programs launch through JITFunction.run.
 
 It prints one line per check and exits non-zero on any failure; tests/test_launch_path.py runs it under
 whatever triton is installed.
@@ -278,6 +279,33 @@ def check_specialisation_changes() -> None:
         raise SystemExit("an unaligned view launched the aligned view's binary")
 
 
+def check_launch_hooks_take_the_jit_route() -> None:
+    """With a launch hook installed (a profiler's), a cached program launches through JITFunction.run,
+    which hands the hook its launch metadata; without one, through the compiled entries."""
+    from triton import knobs
+
+    import gn_triton
+
+    x = torch.randn(2, 8, 24, dtype=torch.bfloat16)
+    call = lambda: gn_triton.group_norm(x, 4)  # noqa: E731
+    call()
+    runs: list = []
+    with counting_jit_runs(runs):
+        call()
+    if runs:
+        raise SystemExit(f"a cached program without hooks went through JITFunction.run: {runs}")
+    hook = lambda metadata: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        with counting_jit_runs(runs):
+            call()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    if not runs:
+        raise SystemExit("a launch hook was set, yet the program launched through its compiled entries")
+    print(f"launch hooks: with a hook set, {len(runs)} launch(es) through JITFunction.run; none without")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=24, help="random calls for the cached-program check")
@@ -300,6 +328,7 @@ def main() -> None:
         raise SystemExit(f"triton {triton.__version__}: the compiled kernels' calling convention is not recognised")
     _checks.INTERPRET = True  # CPU tensors take gn_triton's kernel path (compiled, through this driver)
     check_specialisation_changes()
+    check_launch_hooks_take_the_jit_route()
     check_programs(args.cases, args.seed)
     print("cached programs: every call launched as JITFunction.run launches it")
 

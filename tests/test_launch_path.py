@@ -24,5 +24,6 @@ def test_every_kernel_launches_through_the_compiled_path(tmp_path):
     assert f"all {len(_launch.KERNELS)} kernels launched" in run.stdout
     assert run.stdout.count("as JITFunction.run chooses") == 6  # each specialisation its own binary
     assert run.stdout.count("launches equal") == 24  # the random calls, each checked
+    assert "launch hooks: with a hook set" in run.stdout
     assert "cached programs: every call launched as JITFunction.run launches it" in run.stdout
     assert list(tmp_path.rglob("*.cubin")), "no cubin was compiled"
