@@ -57,8 +57,8 @@ MALL_OVER_HBM = 2.0
 # Python about GPU_HOST_SPEEDUP times as fast (an assumption), and each launch also costs the driver's
 # cuLaunchKernel, which the stand-in driver does not run (DRIVER_LAUNCH_US, a default). A GPU run's
 # eager-loop timings (perf/evidence/env.py, host_path) measure the truth.
-MEASURED_CALL_US = 11.0
-MEASURED_LAUNCH_US = 0.8
+MEASURED_CALL_US = 10.0
+MEASURED_LAUNCH_US = 1.1
 GPU_HOST_SPEEDUP = 2.0
 DRIVER_LAUNCH_US = 2.0
 HOST_CALL_US = MEASURED_CALL_US / GPU_HOST_SPEEDUP

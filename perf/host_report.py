@@ -204,12 +204,45 @@ def shape_rows(rows: Rows, label: str, n: int, c: int, spatial: tuple, g: int) -
     rows.add("training step (fwd + autograd.grad)", label, step, lambda m: m["T"], beside={"autograd floor": floor})
 
 
+def markdown(reports: list[dict], before: list[dict]) -> list[str]:
+    """The docs' table (docs/host-path.md) of committed reports, one column per triton; `before`: the
+    same benchmark at the commit before launch programs, shown beside its triton's column."""
+
+    def cell(row):
+        verdict = "" if row.get("within") is None else (" ✓" if row["within"] else " ✗")
+        return f"{row['host_us']:.1f} µs = {row['in_L']:.1f} L / {row['in_T']:.2f} T{verdict}"
+
+    old = {(r["triton"], row["route"], row["shape"]): row for r in before for row in r["rows"]}
+    heads = []
+    for r in reports:
+        version = r["meta"]["triton"]
+        heads += ([f"before, triton {version}"] if any(k[0] == version for k in old) else []) + [f"triton {version}"]
+    lines = ["| route | shape | launches | " + " | ".join(heads) + " |", "|---" * (3 + len(heads)) + "|"]
+    for i, row in enumerate(reports[0]["rows"]):
+        cells = []
+        for r in reports:
+            version = r["meta"]["triton"]
+            if any(k[0] == version for k in old):
+                prev = old.get((version, row["route"], row["shape"]))
+                cells.append(f"{prev['host_us']:.1f} µs = {prev['in_L']:.1f} L / {prev['in_T']:.2f} T" if prev else "-")
+            cells.append(cell(r["rows"][i]))
+        lines.append(f"| {row['route']} | {row['shape']} | {row['launches']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15, help="repeats of a loop of calls; the best counts")
     parser.add_argument("--calls", type=int, default=40, help="calls per repeat (3 for the batch-32 shapes)")
     parser.add_argument("--out", type=Path, default=Path("perf/results/host"))
+    parser.add_argument("--table", type=Path, nargs="+", metavar="JSON", help="print the docs' table of these reports")
+    parser.add_argument("--before", type=Path, nargs="*", default=[], metavar="JSON", help="with --table: before")
     args = parser.parse_args(argv)
+    if args.table:
+        load = lambda path: json.loads(path.read_text())  # noqa: E731
+        before = [dict(load(p), triton=load(p)["meta"]["triton"]) for p in args.before]
+        print("\n".join(markdown([load(p) for p in args.table], before)))
+        return 0
     stand_in_driver.use(stand_in_driver.StandInDriver(check=False))
     route_cpu_tensors_to_the_kernels()
     torch.set_num_threads(1)
