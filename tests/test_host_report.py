@@ -23,3 +23,18 @@ def test_host_report_measures_every_route(tmp_path):
     assert launches["group_norm, no grad", "SD U-Net 1x1280x8x8"] == 1  # fused, one launch
     assert launches["training step (fwd + autograd.grad)", "SD U-Net 1x1280x8x8"] == 3  # + backward and dparams
     assert launches["group_norm, no grad", "SD VAE 32x512x128x128"] > 2  # split in L2-sized waves
+
+
+def test_docs_table_is_the_committed_reports():
+    """docs/host-path.md's table is what `--table` makes of the committed reports (regenerate it with
+    the command the page gives when a report changes)."""
+    from gn_testing import ROOT
+
+    results = "perf/results/host"
+    run = python_without_interpreter("-m", "perf.host_report", "--table", f"{results}/host_triton3.6.0.json",
+                                     f"{results}/host_triton3.9.0.json", "--before",
+                                     f"{results}/before/host_triton3.6.0.json", timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    text = (ROOT / "docs" / "host-path.md").read_text()
+    shown = text.split("<!-- host-table:start -->\n")[1].split("<!-- host-table:end -->")[0]
+    assert shown.strip() == run.stdout.strip()
