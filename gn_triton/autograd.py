@@ -202,12 +202,14 @@ torch.library.register_autograd("gn_triton::group_norm_fwd", _op_backward, setup
 
 
 def eager(input: torch.Tensor) -> bool:
-    """Whether a call on `input` may take the plain eager route: outside torch.compile; a plain tensor on
-    a device the kernels run on; no torch.func transform, forward-mode AD level, torch function mode or
-    dispatch mode active (those see, or transform, the custom ops: they take the ops' route)."""
+    """Whether a call on `input` may take the plain eager route: outside torch.compile and torch.jit.trace;
+    a plain tensor on a device the kernels run on; no torch.func transform, forward-mode AD level, torch
+    function mode or dispatch mode active (those see, or transform, the custom ops: they take the ops'
+    route)."""
     return (
         not torch.compiler.is_compiling()
         and type(input) is torch.Tensor
+        and torch._C._get_tracing_state() is None  # torch.jit.trace records the ops, not launches
         and (input.is_cuda or _checks.INTERPRET)
         and peek_interpreter_stack() is None
         and torch.autograd.forward_ad._current_level < 0

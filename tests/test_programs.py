@@ -183,3 +183,14 @@ def test_a_saved_tensor_hook_that_changes_x_layout(device):
         grads = torch.autograd.grad(y, (x, w, b), dy)
         for name, got, want in zip(("dx", "dweight", "dbias"), grads, expected[1:4]):
             assert_close(got, want, TOLERANCE[torch.float32], f"{name}, hooked={hooked}")
+
+
+def test_torch_jit_trace_records_the_op_not_a_launch(device):
+    """A traced module replays gn_triton's op on new input: tracing takes the ops' route."""
+    norm = gn_triton.GroupNorm(2, 4).to(device)
+    x = make_input((2, 4, 5), device=device)
+    other = make_input((2, 4, 5), device=device, offset=3.0, scale=2.0)
+    with torch.no_grad():
+        traced = torch.jit.trace(norm, x)
+        y = traced(other)
+    assert_close(y, reference(other, 2, norm.weight.detach(), norm.bias.detach())[0], TOLERANCE[torch.float32])
