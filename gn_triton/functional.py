@@ -51,6 +51,8 @@ def group_norm(
     types, naming the argument. Differentiable in reverse and forward mode, and under torch.func
     transforms (grad, vjp, jacrev, jacfwd, jvp, vmap); not twice.
     """
+    if type(num_groups) is not int or type(eps) is not float:  # numpy numbers, 0-d tensors: as torch takes them
+        num_groups, eps = _checks.as_number(num_groups, int), _checks.as_number(eps, float)
     if autograd.eager(input):
         out_dtype = input.dtype if keep_input_dtype else _checks.output_dtype(input)
         tensors = (weight, bias, scale, shift)
@@ -112,7 +114,7 @@ def _torch_group_norm(input, num_groups: int, weight, bias, eps: float) -> torch
         weight = torch.ones(C, dtype=bias.dtype, device=bias.device)
     if input.numel() == 0:  # no statistics to take: the affine alone (empty), whose gradients are zero
         per_channel = (1, C, *[1] * (input.dim() - 2))
-        y = input if weight is None else input * weight.reshape(per_channel)
+        y = input.clone() if weight is None else input * weight.reshape(per_channel)  # a new tensor, as torch
         return (y if bias is None else y + bias.reshape(per_channel)).to(input.dtype)
     return F.group_norm(input, num_groups, weight, bias, eps)
 

@@ -1,6 +1,6 @@
 """torch.func transforms and forward-mode AD over gn_triton.group_norm, each against the same transform
-over torch's own ops (F.group_norm, then the epilogue in torch ops) in float64; second derivatives
-raise. Tiny shapes: every transform runs the kernels (in the interpreter on a CPU)."""
+over torch's own ops (F.group_norm, then the epilogue in torch ops) in float64, second derivatives
+included (forward over forward raises). Tiny shapes: every transform runs the kernels (in the interpreter on a CPU)."""
 
 from collections.abc import Callable
 from typing import NamedTuple
@@ -168,17 +168,29 @@ def test_reverse_over_forward_is_exact(device):
     assert_trees_close(jacrev(jacfwd(loss(ours)))(x), jacrev(jacfwd(loss(theirs)))(x))
 
 
-def test_second_derivatives_raise(device):
-    """Never a silent zero: double backward, grad of grad, Hessians and forward over forward raise."""
-    _, (x, w, b, _, _) = problem("plain", device)
-    loss = lambda x: (gn_triton.group_norm(x, 2, w, b) ** 2).sum()
-    leaf = x.clone().requires_grad_()
-    (dx,) = torch.autograd.grad(loss(leaf), leaf, create_graph=True)
-    for second in (
-        lambda: dx.sum().backward(),
-        lambda: grad(lambda x: grad(loss)(x).sum())(x),
-        lambda: hessian(loss)(x),
-        lambda: jacfwd(jacfwd(loss))(x),
+@pytest.mark.parametrize("name", list(EPILOGUES))
+def test_second_derivatives_equal_torch(name, device):
+    """grad of grad, forward over reverse and Hessians: the backward, taken while a graph of it is
+    built, is differentiable (torch ops), and equal to torch's second derivatives in float64."""
+    activation, args = problem(name, device, N=1)
+    ours, theirs = both(activation)
+    x = args[0][..., 0]  # (1, 4, 3): a Hessian of 12 x 12
+    rest = args[1:]
+    loss = lambda f: lambda x, *rest: (f(x, *rest) ** 2).sum()  # noqa: E731
+    penalty = lambda f: lambda x, *rest: (grad(loss(f))(x, *rest) ** 2).sum()  # noqa: E731
+    params = [i for i, a in enumerate((x, *rest)) if a is not None]
+    for transform in (
+        lambda f: grad(penalty(f), argnums=tuple(params))(x, *rest),
+        lambda f: hessian(loss(f))(x, *rest),
+        lambda f: jacfwd(jacrev(loss(f)))(x, *rest),
+        lambda f: jacrev(jacrev(loss(f)))(x, *rest),
     ):
-        with pytest.raises(RuntimeError, match="not twice differentiable"):
-            second()
+        assert_trees_close(transform(ours), transform(theirs))
+
+
+def test_forward_over_forward_raises(device):
+    """Never a silent zero: forward mode over forward mode is not implemented, and says so."""
+    _, (x, w, b, _, _) = problem("plain", device)
+    loss = lambda x: (gn_triton.group_norm(x, 2, w, b) ** 2).sum()  # noqa: E731
+    with pytest.raises(RuntimeError, match="forward mode over forward mode"):
+        jacfwd(jacfwd(loss))(x[..., 0])
