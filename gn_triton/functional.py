@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _activations, _checks, _launch, _ops, autograd
 from ._plan import Affine
-from .autograd import GroupNormFunction
+from .autograd import GroupNormFunction, peek_interpreter_stack
 
 # torch's own form of each fused activation (the CPU fallback; also what peers are timed with).
 TORCH_ACTIVATIONS = {name: a.torch for name, a in _activations.ACTIVATIONS.items()}
@@ -59,9 +60,17 @@ def group_norm(
         program = _eager_program(input, num_groups, tensors, eps, activation, out_dtype)
         if program is not None:
             return autograd.run(program, input, tensors, eps)
+    if has_torch_function_variadic(input, weight, bias, scale, shift):  # fx proxies, torch function modes
+        return handle_torch_function(
+            group_norm, (input, weight, bias, scale, shift), input, num_groups, weight, bias, eps,
+            activation=activation, scale=scale, shift=shift, keep_input_dtype=keep_input_dtype,
+        )  # fmt: skip
     _check(input, num_groups, weight, bias, eps, activation, scale, shift)
     out_dtype = input.dtype if keep_input_dtype else _checks.output_dtype(input)
-    if _checks.backend_for(input) == "torch":
+    # torch.func transforms inside torch.compile: Dynamo runs the ops' autograd under the transform,
+    # which torch.library's autograd registration does not support; torch's ops, for Inductor to fuse.
+    compiled_transform = torch.compiler.is_compiling() and peek_interpreter_stack() is not None
+    if compiled_transform or _checks.backend_for(input) == "torch":
         y = _torch_group_norm(input, num_groups, weight, bias, float(eps))
         return _torch_epilogue(y, activation, scale, shift).to(out_dtype)
     args = (input, weight, bias, num_groups, float(eps), activation, scale, shift)

@@ -1,6 +1,7 @@
 """The drop-in API: module, signatures, bad input, empty input, skipped gradients, custom ops,
 torch.compile, the CPU fallback and the autotuner's cache."""
 
+import copy
 import inspect
 
 import numpy as np
@@ -576,3 +577,46 @@ def test_empty_input_without_affine_is_a_new_tensor(monkeypatch):
     x = torch.randn(0, 4, 3)
     assert F.group_norm(x, 2) is not x
     assert gn_triton.group_norm(x, 2) is not x
+
+
+def converted_block(device):
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.GroupNorm(2, 4), torch.nn.SiLU()).to(device)
+    return model, gn_triton.convert_model(copy.deepcopy(model))
+
+
+def test_fx_symbolic_trace_of_a_converted_model(device):
+    """torch.fx traces a converted model as it traces torch's: gn_triton.group_norm is a node of the
+    graph, and the traced module computes what the model does."""
+    model, converted = converted_block(device)
+    x = make_input((2, 4, 3, 3), device=device, offset=1.0)
+    traced = torch.fx.symbolic_trace(converted)
+    assert gn_triton.group_norm in [node.target for node in traced.graph.nodes]
+    assert_close(traced(x), model(x), TOLERANCE[torch.float32])
+
+
+def test_torch_function_modes_see_group_norm(device):
+    """A __torch_function__ mode sees gn_triton.group_norm called (as it sees torch's F.group_norm) and
+    the result is torch's."""
+    model, converted = converted_block(device)
+    x = make_input((2, 4, 3, 3), device=device, offset=1.0)
+
+    class Recording(Passthrough):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs)
+
+    for module, norm in ((model, F.group_norm), (converted, gn_triton.group_norm)):
+        seen = []
+        with Recording():
+            y = module(x)
+        assert norm in seen
+    assert_close(y, model(x), TOLERANCE[torch.float32])
+
+
+def test_jit_script_of_a_converted_model_says_why_it_cannot():
+    """TorchScript cannot compile gn_triton's Python forward: a RuntimeError that says so and what to
+    use instead (torch's own model scripts)."""
+    model, converted = converted_block("cpu")
+    torch.jit.script(model)
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile gn_triton.GroupNorm.*torch.compile"):
+        torch.jit.script(converted)

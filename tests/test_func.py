@@ -194,3 +194,30 @@ def test_forward_over_forward_raises(device):
     loss = lambda x: (gn_triton.group_norm(x, 2, w, b) ** 2).sum()  # noqa: E731
     with pytest.raises(RuntimeError, match="forward mode over forward mode"):
         jacfwd(jacfwd(loss))(x[..., 0])
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "vmap(grad)"])
+def test_torch_compile_over_transforms(transform, device, monkeypatch):
+    """torch.compile of a torch.func transform of gn_triton.group_norm works and equals the same
+    transform of torch's ops (Dynamo cannot run the custom ops' autograd under a transform: torch's
+    ops there, which Inductor compiles)."""
+    # conftest's NaN-filled torch.empty is a mutation in the traced graph (torch.func's own allocations),
+    # which Inductor refuses: torch's own here
+    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
+    monkeypatch.setattr(torch, "empty_like", torch._C._VariableFunctions.empty_like)
+    activation, (x, w, b, scale, shift) = problem("silu, scale and shift", device)
+    ours, theirs = both(activation)
+    loss = lambda f: lambda x: (f(x, w, b, scale, shift) ** 2).sum()  # noqa: E731
+    make = {"grad": grad, "jacrev": jacrev, "vmap(grad)": lambda f: vmap(grad(f), in_dims=0)}[transform]
+    xs = torch.stack([x, x + 1]) if transform == "vmap(grad)" else x
+    torch._dynamo.reset()
+    assert_trees_close(torch.compile(make(loss(ours)))(xs), make(loss(theirs))(xs))
+
+
+def test_vmap_over_weights_in_their_last_dim(device):
+    """vmap over a batch of weights and biases held as (C, batch): in_dims=1."""
+    _, (x, _, _, _, _) = problem("plain", device)
+    W, B = make_input((4, 5), F64, device), make_input((4, 5), F64, device)
+    ours, theirs = both(None)
+    f = lambda fn: vmap(lambda w, b: fn(x, w, b, None, None), in_dims=(1, 1))  # noqa: E731
+    assert_trees_close(f(ours)(W, B), f(theirs)(W, B))
