@@ -50,7 +50,9 @@ def group_norm(
     shift may be of another floating dtype than input (e.g. fp32 parameters with bf16 input) and of
     any strides; statistics are fp32 (fp64 for fp64 input). Bad arguments raise torch's exception
     types, naming the argument. Differentiable in reverse and forward mode, and under torch.func
-    transforms (grad, vjp, jacrev, jacfwd, jvp, vmap); not twice.
+    transforms (grad, vjp, jacrev, jacfwd, jvp, vmap); twice too (double backward, grad of grad,
+    hessian: the backward in torch ops while a graph of the gradients is built), except forward mode
+    over forward mode, which raises.
     """
     if type(num_groups) is not int or type(eps) is not float:  # numpy numbers, 0-d tensors: as torch takes them
         num_groups, eps = _checks.as_number(num_groups, int), _checks.as_number(eps, float)
