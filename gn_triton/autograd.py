@@ -15,10 +15,11 @@ formula in `_tangent`, in torch ops; torch.library has no forward-mode registrat
 so a graph calling the op directly refuses forward AD with torch's error; reverse mode over that
 formula (jacrev(jacfwd(f))) is exact, since it is differentiable torch ops. Second derivatives of the
 gradient (double backward with create_graph=True, grad of grad, jacfwd(jacrev(f)), torch.func.hessian):
-while a graph of the gradients is being built, the backward is computed in differentiable torch ops
-from x and the parameters (_torch_backward); otherwise by the kernels. Forward mode over forward mode
-(jacfwd(jacfwd(f))) is not implemented and raises a RuntimeError, never a silent zero
-(_nested_forward_mode).
+while a graph of the gradients is being built for another derivative, the backward is computed in
+differentiable torch ops from x and the parameters (_torch_backward); otherwise by the kernels (a
+single torch.func.grad too, behind _Backward, whose derivatives raise: _differentiated_again).
+Forward mode over forward mode (jacfwd(jacfwd(f))) is not implemented and raises a RuntimeError,
+never a silent zero (_nested_forward_mode).
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ def _backward(ctx, grad_out, backward_op=_ops.group_norm_bwd):
     mask = [needs[0], needs[1], needs[2], needs[6], needs[7]]
     if bias is None and ctx.bias_dtype is not None:  # a bias the backward does not read: only db's dtype matters
         bias = torch.zeros(input.shape[1], dtype=ctx.bias_dtype, device=input.device)
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and _differentiated_again():
         saved = (input, weight, bias, scale, shift)
         dx, dw, db, dscale, dshift = _torch_backward(grad_out, saved, ctx.num_groups, ctx.eps, ctx.activation, mask)
     else:
+        if torch.is_grad_enabled():  # a single torch.func.grad (vmap(grad) too): the kernels, differentiable no more
+            backward_op = _backward_twice_raises
         dx, dw, db, dscale, dshift = backward_op(
             grad_out, input, weight, bias, mean, mean_lo, rstd, ctx.num_groups, mask, ctx.activation, scale, shift
         )
@@ -128,6 +131,66 @@ def _nested_forward_mode() -> bool:
     tangent for a constant and silently get a zero second derivative."""
     interpreters = retrieve_all_functorch_interpreters()
     return sum(i.key() == TransformType.Jvp for i in interpreters) > 1
+
+
+def _differentiated_again() -> bool:
+    """With a graph of the gradients being built, whether they may be differentiated again: always
+    outside torch.func (create_graph=True); under it only with another differentiating transform around
+    (grad of grad, jacrev of jacrev, forward mode over reverse): torch.func.grad builds a graph of every
+    gradient, and a single one (vmap(grad): per-sample gradients) keeps the kernels, behind _Backward."""
+    keys = [i.key() for i in retrieve_all_functorch_interpreters()]
+    if not keys:
+        return True
+    if keys[-1] == TransformType.Grad:  # the grad computing this gradient (a vjp's runs after its level is gone)
+        keys.pop()
+    return TransformType.Jvp in keys or TransformType.Grad in keys
+
+
+class _Backward(torch.autograd.Function):
+    """The backward op as a function of its tensors whose own derivatives raise (a plain autograd
+    differentiating the result of a single torch.func.grad): once_differentiable alone would let that
+    take the gradient for a constant and return zeros."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_out, input, weight, bias, mean, mean_lo, rstd, scale, shift, spec):
+        num_groups, mask, activation = spec.value  # not pytree leaves: torch.func flattens apply's arguments
+        return _ops.group_norm_bwd(
+            grad_out, input, weight, bias, mean, mean_lo, rstd, num_groups, list(mask), activation, scale, shift
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_NOT_AGAIN)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(_NOT_AGAIN)
+
+
+_NOT_AGAIN = (
+    "gn_triton.group_norm: the gradient of a single torch.func.grad (kernels) cannot be differentiated again "
+    "outside torch.func; nest torch.func transforms instead (grad(grad(f)), torch.func.hessian), or use "
+    "torch.autograd.grad(..., create_graph=True)"
+)
+
+
+class _Opaque:
+    """A value torch.func passes through as one leaf."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+def _backward_twice_raises(grad_out, input, weight, bias, mean, mean_lo, rstd, num_groups, mask, activation, scale,
+                           shift):  # fmt: skip
+    spec = _Opaque((num_groups, tuple(mask), activation))
+    return _Backward.apply(grad_out, input, weight, bias, mean, mean_lo, rstd, scale, shift, spec)
 
 
 def _torch_backward(grad_out, saved, num_groups: int, eps: float, activation, needs) -> tuple:

@@ -12,6 +12,7 @@ from gn_testing import make_input, make_modulation, make_params, torch_group_nor
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import gn_triton
+from gn_triton import autograd
 
 F64 = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -221,3 +222,18 @@ def test_vmap_over_weights_in_their_last_dim(device):
     ours, theirs = both(None)
     f = lambda fn: vmap(lambda w, b: fn(x, w, b, None, None), in_dims=(1, 1))  # noqa: E731
     assert_trees_close(f(ours)(W, B), f(theirs)(W, B))
+
+
+def test_a_single_grad_keeps_the_kernels_and_refuses_an_outer_autograd(device, monkeypatch):
+    """torch.func.grad builds a graph of every gradient: a single one (and vmap(grad), Opacus's
+    per-sample gradients) still runs the backward kernels; plain autograd differentiating that
+    gradient again raises (never a silent zero), where nested torch.func transforms are exact."""
+    _, (x, w, b, _, _) = problem("plain", device)
+    loss = lambda x: (gn_triton.group_norm(x, 2, w, b) ** 2).sum()  # noqa: E731
+    expected = grad(lambda x: (torch_group_norm(x, 2, w, b) ** 2).sum())(x)
+    monkeypatch.setattr(autograd, "_torch_backward", lambda *args: pytest.fail("the torch-op backward ran"))
+    assert_trees_close(grad(loss)(x), expected)
+    assert_trees_close(vmap(grad(loss))(x[None]), expected[None])
+    leaf = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        torch.autograd.grad((grad(loss)(leaf) ** 2).sum() + leaf.sum(), leaf)
