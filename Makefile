@@ -79,8 +79,13 @@ test-stacks: test-floor test-newest
 
 # The main job: the batch-size sweep against torch eager, torch.compile and peers (on a GPU), or a
 # small functional sweep in Triton's interpreter when no GPU is present (it says so). CSV and plots
-# go to perf/out/<device>/.
+# go to perf/out/<device>/. It runs in its own environment ($(VENV), built here with the pinned stack);
+# `python -m perf.sweep` in your own environment benches the torch and triton you have.
+# BENCH_ARGS passes options to perf.sweep (e.g. BENCH_ARGS="--batch 1 32 --dtype bf16").
 bench: $(VENV)/.perf
+	@echo "make bench: benchmarking in $(VENV), its own environment ($(TORCH_SPEC), $(TRITON_SPEC)), built by make;"
+	@echo "  options go in BENCH_ARGS=\"...\" (python -m perf.sweep --help); to bench the stack you have, run"
+	@echo "  python -m perf.sweep in your own environment (pip install -e '.[perf]' there first)."
 	$(PY) -m perf.sweep $(BENCH_ARGS)
 
 # The host path's cost per call for every route (no GPU: triton's launch path with a stand-in driver),

@@ -6,6 +6,7 @@ runs on gn_triton's kernels (CUDA, or the CPU under Triton's interpreter) or fal
 from __future__ import annotations
 
 import math
+import operator
 import os
 
 import torch
@@ -34,6 +35,8 @@ def backend_for(input: torch.Tensor) -> str:
     "torch": torch's own group_norm, with gn_triton's epilogue in torch ops (any other device, a CPU
         without the interpreter, or a dtype the kernels do not take).
     """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"backend_for(): input must be a Tensor, got {type(input).__name__}")
     if input.dtype not in SUPPORTED_DTYPES or not runs_on_kernels(input):
         return "torch"
     return "kernels" if input.is_cuda else "interpreter"
@@ -58,7 +61,21 @@ def output_dtype(input: torch.Tensor) -> torch.dtype:
     if input.dtype not in (torch.float16, torch.bfloat16):  # the only dtypes autocast changes (the common case)
         return input.dtype
     device_type = input.device.type
+    if device_type not in AUTOCAST_FP32_DEVICES:  # the only ones that change it; meta has no autocast state to ask
+        return input.dtype
     return autocast_dtype(input.dtype, device_type, torch.is_autocast_enabled(device_type))
+
+
+def as_number(value, kind: type):
+    """num_groups (kind int) or eps (kind float) as torch's group_norm takes them: an integer that is not
+    an int (numpy's, a 0-d integer tensor) as an int; a real number as a float. Anything else is returned
+    as it is, for check_group_norm_args to refuse in torch's order."""
+    if isinstance(value, (bool, str, bytes)):
+        return value
+    try:
+        return operator.index(value) if kind is int else float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return value
 
 
 def check_group_norm_args(
@@ -69,26 +86,38 @@ def check_group_norm_args(
     eps: float = 1e-5,
     whole: bool = True,
 ) -> None:
-    """Raise the exception type torch's group_norm raises for the same bad input, with a message that
-    names the argument and its values (docs/drop-in.md has the table). One exception: input that is
-    not a tensor is a TypeError (torch fails on it with an AttributeError). whole=False: x is a piece
-    of the tensor normalised (gn_triton.stats, a shard), which may hold a single value per group."""
+    """Raise the exception type torch's group_norm raises for the same bad input, in torch's order (its
+    Python checks, then argument types, then the C++ checks: tests/test_api.py has the table of combined
+    bad inputs), with a message that names the argument and its values (docs/drop-in.md). One exception:
+    input that is not a tensor is a TypeError (torch fails on it with an AttributeError). whole=False: x
+    is a piece of the tensor normalised (gn_triton.stats, a shard), which may hold a single value per
+    group."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"group_norm(): input must be a Tensor, got {type(x).__name__}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
-        raise TypeError(f"group_norm(): num_groups must be an int, got {type(num_groups).__name__}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"group_norm(): eps must be a float, got {type(eps).__name__}")
     if x.dim() < 2:
         raise RuntimeError(
             f"group_norm(): expected input with at least 2 dimensions (N, C, *), got shape {tuple(x.shape)}"
         )
-    if not x.is_floating_point():
-        # torch's kernels have no integer, bool or complex instance: NotImplementedError
-        raise NotImplementedError(f"group_norm(): input must be a floating point tensor, got dtype {x.dtype}")
+    if whole:
+        # torch.nn.functional.group_norm's first check, in Python: N*C // num_groups values per channel
+        # and position, which divides by num_groups before anything looks at its type or sign.
+        try:
+            values = x.shape[0] * x.shape[1] // num_groups * math.prod(x.shape[2:])
+        except ZeroDivisionError:
+            raise ZeroDivisionError(f"group_norm(): num_groups must be positive, got num_groups={num_groups}") from None
+        except TypeError:
+            raise TypeError(f"group_norm(): num_groups must be an int, got {type(num_groups).__name__}") from None
+        if values == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"group_norm(): num_groups must be an int, got {type(num_groups).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"group_norm(): eps must be a float, got {type(eps).__name__}")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None and not isinstance(param, torch.Tensor):
+            raise TypeError(f"group_norm(): {name} must be a Tensor or None, got {type(param).__name__}")
     channels = x.shape[1]
     if num_groups == 0:
-        # torch divides by num_groups before it checks it
         raise ZeroDivisionError(f"group_norm(): num_groups must be positive, got num_groups={num_groups}")
     if num_groups < 0:
         raise RuntimeError(f"group_norm(): num_groups must be positive, got num_groups={num_groups}")
@@ -97,12 +126,12 @@ def check_group_norm_args(
             f"group_norm(): expected number of channels in input to be divisible by num_groups, "
             f"but got input of shape {tuple(x.shape)} and num_groups={num_groups}"
         )
-    if whole and x.numel() and x.shape[0] * (channels // num_groups) * math.prod(x.shape[2:]) == 1:
-        # torch.nn.functional.group_norm refuses this degenerate case too, with the same error.
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
     vector = f"a vector of size equal to the number of channels in input ({channels})"
     for name, param in (("weight", weight), ("bias", bias)):
         _check_optional(x, name, param, (channels,), vector)
+    if not x.is_floating_point():
+        # torch's kernels have no integer, bool or complex instance: NotImplementedError
+        raise NotImplementedError(f"group_norm(): input must be a floating point tensor, got dtype {x.dtype}")
 
 
 def _check_optional(x: torch.Tensor, name: str, t, shape: tuple, wanted: str) -> None:

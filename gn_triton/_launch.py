@@ -40,7 +40,9 @@ def eps_pair(eps: float) -> tuple[float, float]:
     """eps as two fp32 values whose sum is eps to ~2^-48 relative: Triton passes Python floats as
     fp32, and fp64 kernels add the pair in fp64 (fp32 kernels see eps_hi alone, to the last bit)."""
     hi = torch.tensor(eps, dtype=torch.float32).item()
-    return hi, eps - hi
+    # eps beyond fp32's range (1e39, inf) is inf in fp32: rstd is 0 and y the bias, as torch gives (to
+    # ~1e-19 for a finite eps); eps - inf would be -inf, and the pair's sum NaN.
+    return hi, eps - hi if abs(hi) < float("inf") else 0.0
 
 
 def _tensors(affine: Affine) -> tuple[torch.Tensor | None, ...]:

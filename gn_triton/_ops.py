@@ -94,8 +94,8 @@ def _as_modulation(batch, N, weight, w_dim, bias, b_dim, scale, shift, acc):
     accumulator dtype `acc`: z = (x_hat*w + b)*g + t with g = 1 + scale equals x_hat*(1 + s2) + t2 with
     s2 = w*g - 1 and t2 = b*g + t (in fp32, a weight far below 1 keeps ~1e-7 absolute precision).
     Returns (s2, t2, g) with g as (batch, N, C) or None."""
-    present = weight if weight is not None else bias
-    C = present.shape[-1]
+    present, dim = (weight, w_dim) if weight is not None else (bias, b_dim)
+    C = _leading(present, dim, batch).shape[-1]  # the vmapped dimension may be the last (in_dims=1)
     g = None if scale is None else 1 + scale.to(acc).reshape(batch, N, C)
     if weight is None:
         w = torch.ones((batch, 1, C), dtype=acc, device=present.device)

@@ -13,10 +13,13 @@ vmap runs its forward, backward and jvp under vmap, and the ops' batching rules 
 fold the vmapped dimension into the batch N. Forward mode (jvp, torch.autograd.forward_ad) is the
 formula in `_tangent`, in torch ops; torch.library has no forward-mode registration for custom ops,
 so a graph calling the op directly refuses forward AD with torch's error; reverse mode over that
-formula (jacrev(jacfwd(f))) is exact, since it is differentiable torch ops. Other second derivatives
-are not implemented: differentiating a gradient (double backward, grad of grad, a Hessian) or a
-tangent with forward mode again (jacfwd(jacfwd(f))) raises a RuntimeError, never a silent zero
-(_Backward, _nested_forward_mode).
+formula (jacrev(jacfwd(f))) is exact, since it is differentiable torch ops. Second derivatives of the
+gradient (double backward with create_graph=True, grad of grad, jacfwd(jacrev(f)), torch.func.hessian):
+while a graph of the gradients is being built for another derivative, the backward is computed in
+differentiable torch ops from x and the parameters (_torch_backward); otherwise by the kernels (a
+single torch.func.grad too, behind _Backward, whose derivatives raise: _differentiated_again).
+Forward mode over forward mode (jacfwd(jacfwd(f))) is not implemented and raises a RuntimeError,
+never a silent zero (_nested_forward_mode).
 """
 
 from __future__ import annotations
@@ -35,15 +38,25 @@ from ._plan import Affine
 def _backward(ctx, grad_out, backward_op=_ops.group_norm_bwd):
     """Gradients of (input, weight, bias, num_groups, eps, activation, scale, shift, out_dtype): the
     argument order of both GroupNormFunction.apply and the forward op. (The dispatcher drops an op
-    call's trailing arguments that equal their defaults: then fewer are asked for, and returned.)"""
+    call's trailing arguments that equal their defaults: then fewer are asked for, and returned.) When a
+    graph of the gradients is being built, they are differentiable torch ops (_torch_backward); else the
+    backward op's kernels."""
     input, weight, bias, scale, shift, mean, mean_lo, rstd = ctx.saved_tensors
     n_inputs = len(ctx.needs_input_grad)
     needs = (*ctx.needs_input_grad, *[False] * (9 - n_inputs))
     mask = [needs[0], needs[1], needs[2], needs[6], needs[7]]
-    dx, dw, db, dscale, dshift = backward_op(
-        grad_out, input, weight, bias, mean, mean_lo, rstd, ctx.num_groups, mask, ctx.activation, scale, shift
-    )
-    dx, dw, db, dscale, dshift = (g if m else None for g, m in zip((dx, dw, db, dscale, dshift), mask))
+    if bias is None and ctx.bias_dtype is not None:  # a bias the backward does not read: only db's dtype matters
+        bias = torch.zeros(input.shape[1], dtype=ctx.bias_dtype, device=input.device)
+    if torch.is_grad_enabled() and _differentiated_again():
+        saved = (input, weight, bias, scale, shift)
+        dx, dw, db, dscale, dshift = _torch_backward(grad_out, saved, ctx.num_groups, ctx.eps, ctx.activation, mask)
+    else:
+        if torch.is_grad_enabled():  # a single torch.func.grad (vmap(grad) too): the kernels, differentiable no more
+            backward_op = _backward_twice_raises
+        dx, dw, db, dscale, dshift = backward_op(
+            grad_out, input, weight, bias, mean, mean_lo, rstd, ctx.num_groups, mask, ctx.activation, scale, shift
+        )
+        dx, dw, db, dscale, dshift = (g if m else None for g, m in zip((dx, dw, db, dscale, dshift), mask))
     return (dx, dw, db, None, None, None, dscale, dshift, None)[:n_inputs]
 
 
@@ -51,8 +64,13 @@ def _setup_context(ctx, inputs, output) -> None:
     input, weight, bias, num_groups, _eps, activation, scale, shift = (*inputs, *[None] * (8 - len(inputs)))[:8]
     _y, mean, mean_lo, rstd = output
     ctx.mark_non_differentiable(mean, mean_lo, rstd)  # statistics: outputs for the backward only
-    ctx.save_for_backward(input, weight, bias, scale, shift, mean, mean_lo, rstd)
+    # The backward reads the bias only to recompute the pre-activation or for dscale: else it is not
+    # saved, so that it may change in place before the backward (as torch's group_norm allows).
+    reads_bias = activation is not None or scale is not None
+    ctx.bias_dtype = None if bias is None or reads_bias else bias.dtype
+    ctx.save_for_backward(input, weight, bias if reads_bias else None, scale, shift, mean, mean_lo, rstd)
     ctx.num_groups = num_groups
+    ctx.eps = _eps
     ctx.activation = activation
 
 
@@ -102,9 +120,8 @@ def _tangent(saved, num_groups: int, eps: float, activation, tangents, out_dtype
 
 
 _NOT_TWICE = (
-    "gn_triton.group_norm is not twice differentiable: its gradient cannot be differentiated again "
-    "(double backward, torch.func.grad of a grad, a Hessian, forward mode over forward mode); use "
-    "torch.nn.functional.group_norm there"
+    "gn_triton.group_norm: forward mode over forward mode (jvp of a jvp, jacfwd(jacfwd(f))) is not implemented; "
+    "use reverse mode for one of the two (jacrev(jacfwd(f)), jacfwd(jacrev(f)), torch.func.hessian)"
 )
 
 
@@ -116,9 +133,23 @@ def _nested_forward_mode() -> bool:
     return sum(i.key() == TransformType.Jvp for i in interpreters) > 1
 
 
+def _differentiated_again() -> bool:
+    """With a graph of the gradients being built, whether they may be differentiated again: always
+    outside torch.func (create_graph=True); under it only with another differentiating transform around
+    (grad of grad, jacrev of jacrev, forward mode over reverse): torch.func.grad builds a graph of every
+    gradient, and a single one (vmap(grad): per-sample gradients) keeps the kernels, behind _Backward."""
+    keys = [i.key() for i in retrieve_all_functorch_interpreters()]
+    if not keys:
+        return True
+    if keys[-1] == TransformType.Grad:  # the grad computing this gradient (a vjp's runs after its level is gone)
+        keys.pop()
+    return TransformType.Jvp in keys or TransformType.Grad in keys
+
+
 class _Backward(torch.autograd.Function):
-    """The backward op as a function of its tensors whose own derivatives raise: once_differentiable
-    alone would let torch.func.grad(grad(f)) take the gradient for a constant and return zeros."""
+    """The backward op as a function of its tensors whose own derivatives raise (a plain autograd
+    differentiating the result of a single torch.func.grad): once_differentiable alone would let that
+    take the gradient for a constant and return zeros."""
 
     generate_vmap_rule = True
 
@@ -135,11 +166,18 @@ class _Backward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(_NOT_TWICE)
+        raise RuntimeError(_NOT_AGAIN)
 
     @staticmethod
     def jvp(ctx, *tangents):
-        raise RuntimeError(_NOT_TWICE)
+        raise RuntimeError(_NOT_AGAIN)
+
+
+_NOT_AGAIN = (
+    "gn_triton.group_norm: the gradient of a single torch.func.grad (kernels) cannot be differentiated again "
+    "outside torch.func; nest torch.func transforms instead (grad(grad(f)), torch.func.hessian), or use "
+    "torch.autograd.grad(..., create_graph=True)"
+)
 
 
 class _Opaque:
@@ -155,11 +193,53 @@ def _backward_twice_raises(grad_out, input, weight, bias, mean, mean_lo, rstd, n
     return _Backward.apply(grad_out, input, weight, bias, mean, mean_lo, rstd, scale, shift, spec)
 
 
+def _torch_backward(grad_out, saved, num_groups: int, eps: float, activation, needs) -> tuple:
+    """(dx, dweight, dbias, dscale, dshift) in differentiable torch ops (None where not in `needs` or the
+    tensor is None): the backward when a graph of the gradients is being built (create_graph=True,
+    torch.func.grad), so that it can be differentiated again. With <.> the mean over a group:
+        dz = act'(z)*dy,  du = dz*(1 + s),  dx = r*(d_hat - <d_hat> - x_hat*<d_hat*x_hat>), d_hat = du*w,
+        dw = sum(du*x_hat),  db = sum(du),  ds = sum(dz*u),  dt = sum(dz).
+    The statistics are taken again here, differentiably (the saved ones are constants to autograd)."""
+    input, weight, bias, scale, shift = saved
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    N, C = input.shape[:2]
+    channel = lambda t: t.to(acc).reshape(1, C, *[1] * (input.dim() - 2))
+    sample = lambda t: t.to(acc).reshape(N, C, *[1] * (input.dim() - 2))
+    rows = input.to(acc).reshape(N, num_groups, -1)
+    var, mean = torch.var_mean(rows, -1, correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    x_hat = ((rows - mean) * rstd).reshape(input.shape)
+    u = x_hat if weight is None else x_hat * channel(weight)
+    u = u if bias is None else u + channel(bias)
+    dz = grad_out.to(acc)
+    if activation is not None:
+        z = u if scale is None else u * (1 + sample(scale))
+        z = z if shift is None else z + sample(shift)
+        dz = _activations.ACTIVATIONS[activation].tangent(dz, z)
+    du = dz if scale is None else dz * (1 + sample(scale))
+    positions, all_positions = tuple(range(2, input.dim())), (0, *range(2, input.dim()))
+    dx = dw = db = ds = dt = None
+    if needs[0]:
+        d_hat = (du if weight is None else du * channel(weight)).reshape(rows.shape)
+        h = x_hat.reshape(rows.shape)
+        dx = rstd * (d_hat - d_hat.mean(-1, keepdim=True) - h * (d_hat * h).mean(-1, keepdim=True))
+        dx = dx.reshape(input.shape).to(input.dtype)
+    if needs[1] and weight is not None:
+        dw = (du * x_hat).sum(all_positions).to(weight.dtype)
+    if needs[2] and bias is not None:
+        db = du.sum(all_positions).to(bias.dtype)
+    if needs[3] and scale is not None:
+        ds = (dz * u).sum(positions).to(scale.dtype)
+    if needs[4] and shift is not None:
+        dt = dz.sum(positions).to(shift.dtype)
+    return dx, dw, db, ds, dt
+
+
 class GroupNormFunction(torch.autograd.Function):
     """(y, mean, mean_lo, rstd) with y = activation(GroupNorm(x)*(1 + scale) + shift) and the (N, G)
     statistics (non-differentiable); gradients for x, weight, bias, scale and shift, only those
-    autograd asks for. Saves x and the three statistics, nothing else activation-sized (the
-    pre-activation is recomputed in the backward). Not twice differentiable."""
+    autograd asks for, themselves differentiable when a graph of them is built. Saves x and the three
+    statistics, nothing else activation-sized (the pre-activation is recomputed in the backward)."""
 
     generate_vmap_rule = True
 
@@ -173,14 +253,14 @@ class GroupNormFunction(torch.autograd.Function):
         _setup_context(ctx, inputs, output)
         # The same tensors as for the backward: torch.func's generated vmap rule keeps one record of
         # the saved tensors' batch dimensions for both.
-        input, weight, bias, _, eps, _, scale, shift, _ = inputs
+        input, weight, _, _, _, _, scale, shift, _ = inputs
+        bias = None if ctx.bias_dtype is not None else inputs[2]  # not saved where not read
         ctx.save_for_forward(input, weight, bias, scale, shift, *output[1:])
-        ctx.eps = eps
         ctx.out_dtype = output[0].dtype
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_mean_lo, _grad_rstd):
-        return _backward(ctx, grad_y, _backward_twice_raises)
+        return _backward(ctx, grad_y)
 
     @staticmethod
     def jvp(ctx, d_input, d_weight, d_bias, _n, _eps, _act, d_scale, d_shift, _out_dtype):
@@ -228,30 +308,32 @@ def run(program: _launch.ForwardProgram, input: torch.Tensor, tensors: Sequence,
 
 
 class EagerGroupNorm(torch.autograd.Function):
-    """y of the eager route, differentiable once in reverse mode. Takes (input, program, eps, *present):
+    """y of the eager route, differentiable in reverse mode. Takes (input, program, eps, *present):
     present are those of (weight, bias, scale, shift) that are not None, in that order. Saves x, those
     and the forward's workspace (the (N, G) statistics); its backward runs the forward program's
-    backward program. With create_graph=True the gradients come from the backward op through
-    _Backward, whose own derivatives raise, as on the ops' route."""
+    backward program. A bias that backward does not read (no activation, no scale) is kept unsaved, so
+    that it may change in place before the backward, as with torch. With create_graph=True the
+    gradients are differentiable torch ops (_torch_backward), as on the ops' route."""
 
     @staticmethod
     def forward(ctx, input, program: _launch.ForwardProgram, eps: float, *present):
         y, work = program(input, program.tensors(present), eps)
+        ctx.program, ctx.eps, ctx.bias = program, eps, None
+        if program.activation is None and 1 in program.present and 2 not in program.present:
+            at = program.present.index(1)  # the bias's place in present
+            ctx.bias, present = present[at], present[:at] + present[at + 1 :]
         ctx.save_for_backward(input, work, *present)
-        ctx.program = program
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         input, work, *present = ctx.saved_tensors
         program = ctx.program
+        if ctx.bias is not None:
+            present.insert(program.present.index(1), ctx.bias)
         tensors, needs = program.tensors(present), program.needs(ctx.needs_input_grad)
         if torch.is_grad_enabled():  # a graph of the gradients is being built
-            mean, mean_lo, rstd = program.statistics(work)
-            weight, bias, scale, shift = tensors
-            grads = _backward_twice_raises(grad_y, input, weight, bias, mean, mean_lo, rstd, program.num_groups,
-                                           list(needs), program.activation, scale, shift)  # fmt: skip
-            grads = tuple(g if need else None for g, need in zip(grads, needs))
+            grads = _torch_backward(grad_y, (input, *tensors), program.num_groups, ctx.eps, program.activation, needs)
         elif _launch.meta(input) != program.key[0]:
             # A saved-tensor hook (offloading, say) gave x back in other strides or at another alignment than
             # the forward's signature: the backward keyed on the tensors as they are.

@@ -32,6 +32,9 @@ from ._tuning import Plan, Problem
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 RESULTS = Path(__file__).resolve().parents[1] / "perf" / "results"  # present in a checkout of the repository
 SHAPE_HELP = "x's shape N x C x spatial... and the groups after a colon (default 32), e.g. 2x320x64x64:32"
+DEFAULT_GROUPS = 32
+DEFAULTS = {"dtype": "bf16", "layout": "contiguous", "device": "h100"}
+LAYOUTS = ("contiguous", "channels_last", "channels_last_3d")  # channels_last_3d: 5-D shapes only
 
 
 def parse_shape(text: str) -> tuple[tuple[int, ...], int]:
@@ -40,7 +43,7 @@ def parse_shape(text: str) -> tuple[tuple[int, ...], int]:
     dims, _, groups = text.partition(":")
     try:
         shape = tuple(int(d) for d in dims.lower().split("x"))
-        G = int(groups or 32)
+        G = int(groups or DEFAULT_GROUPS)
     except ValueError:
         raise ValueError(f"SHAPE must be N x C x spatial... : groups, e.g. 2x320x64x64:32, got {text!r}") from None
     if len(shape) < 2 or min(shape) < 0:
@@ -49,6 +52,8 @@ def parse_shape(text: str) -> tuple[tuple[int, ...], int]:
         raise ValueError(f"num_groups must be positive, got num_groups={G}")
     if shape[1] % G:
         raise ValueError(f"C={shape[1]} is not divisible by num_groups={G}")
+    if shape[0] * shape[1] // G * math.prod(shape[2:]) == 1:  # torch's group_norm refuses it (ValueError)
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(shape)}")
     return shape, G
 
 
@@ -117,38 +122,48 @@ def explain(shape: tuple[int, ...], groups: int, dtype: str, layout: str, device
         units = f"{device.sms} SMs, {device.l2_bytes >> 20} MiB L2"
         figures = f"SMs and L2 from the spec sheet; {device.source}"
     lines = [
-        f"GroupNorm of x {shape}, {groups} groups, {dtype}, {layout}, on {device.name} "
+        f"GroupNorm of x {shape}, {plural(groups, 'group')}, {dtype}, {layout}, on {device.name} "
         f"({units}, {device.copy_gbps:.0f} GB/s copy; host {device.call_us:.1f} us per call + "
         f"{device.launch_us:.1f} us per launch)",
         f"Device figures: {figures}.",
+        f"Defaults where not given: {DEFAULT_GROUPS} groups, "
+        + ", ".join(f"--{name} {value}" for name, value in DEFAULTS.items())
+        + " (python -m gn_triton.explain --help).",
     ]
     if math.prod(shape) == 0:
         return "\n".join(lines + ["Empty input: no kernel is launched; the result is empty (dweight and dbias, "
                                   "when asked for, are zero)."])  # fmt: skip
-    p = problem(shape, groups, DTYPES[dtype], layout == "channels_last")
+    p = problem(shape, groups, DTYPES[dtype], layout.startswith("channels_last"))  # 3-D: the same plan
     lines.append("PREDICTED BY gn_triton's COST MODEL (gn_triton/_cost.py), not measured.")
     for direction, name in (("fwd", "forward"), ("bwd", "backward")):
         plan, pred = _tuning.ranked_plans(direction, p, device)[0]
         lines += ["", f"{name}:"] + describe(direction, p, plan, pred, device)
-        found = measured(device, direction, shape, groups, dtype, layout)
+        found = measured(device, direction, shape, groups, dtype, layout.removesuffix("_3d"))  # perf.sweep's name
         if found:
             us, pct, path = found
             lines.append(f"  MEASURED: {us:.1f} us = {pct:.0f}% of copy bandwidth ({path.parent.name})")
     return "\n".join(lines)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each option's default in --help."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gn_triton.explain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                     formatter_class=_HelpFormatter)  # fmt: skip
     parser.add_argument("shape", metavar="SHAPE", help=SHAPE_HELP)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--layout", choices=("contiguous", "channels_last"), default="contiguous")
-    parser.add_argument("--device", choices=sorted(DEVICES), default="h100", help="the modelled GPU (default h100)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=DEFAULTS["dtype"], help="x's dtype")
+    parser.add_argument("--layout", choices=LAYOUTS, default=DEFAULTS["layout"],
+                        help="x's memory format (channels_last_3d: 5-D shapes, planned as channels_last)")  # fmt: skip
+    parser.add_argument("--device", choices=sorted(DEVICES), default=DEFAULTS["device"], help="the modelled GPU")
     args = parser.parse_args(argv)
     try:
         shape, groups = parse_shape(args.shape)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.layout == "channels_last_3d" and len(shape) != 5:
+        parser.error(f"--layout channels_last_3d needs a 5-D SHAPE (N x C x D x H x W), got {len(shape)}-D {shape}")
     print(explain(shape, groups, args.dtype, args.layout, DEVICES[args.device]))
     return 0
 

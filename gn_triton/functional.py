@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _activations, _checks, _launch, _ops, autograd
 from ._plan import Affine
-from .autograd import GroupNormFunction
+from .autograd import GroupNormFunction, peek_interpreter_stack
 
 # torch's own form of each fused activation (the CPU fallback; also what peers are timed with).
 TORCH_ACTIVATIONS = {name: a.torch for name, a in _activations.ACTIVATIONS.items()}
@@ -49,17 +50,29 @@ def group_norm(
     shift may be of another floating dtype than input (e.g. fp32 parameters with bf16 input) and of
     any strides; statistics are fp32 (fp64 for fp64 input). Bad arguments raise torch's exception
     types, naming the argument. Differentiable in reverse and forward mode, and under torch.func
-    transforms (grad, vjp, jacrev, jacfwd, jvp, vmap); not twice.
+    transforms (grad, vjp, jacrev, jacfwd, jvp, vmap); twice too (double backward, grad of grad,
+    hessian: the backward in torch ops while a graph of the gradients is built), except forward mode
+    over forward mode, which raises.
     """
+    if type(num_groups) is not int or type(eps) is not float:  # numpy numbers, 0-d tensors: as torch takes them
+        num_groups, eps = _checks.as_number(num_groups, int), _checks.as_number(eps, float)
     if autograd.eager(input):
         out_dtype = input.dtype if keep_input_dtype else _checks.output_dtype(input)
         tensors = (weight, bias, scale, shift)
         program = _eager_program(input, num_groups, tensors, eps, activation, out_dtype)
         if program is not None:
             return autograd.run(program, input, tensors, eps)
+    if has_torch_function_variadic(input, weight, bias, scale, shift):  # fx proxies, torch function modes
+        return handle_torch_function(
+            group_norm, (input, weight, bias, scale, shift), input, num_groups, weight, bias, eps,
+            activation=activation, scale=scale, shift=shift, keep_input_dtype=keep_input_dtype,
+        )  # fmt: skip
     _check(input, num_groups, weight, bias, eps, activation, scale, shift)
     out_dtype = input.dtype if keep_input_dtype else _checks.output_dtype(input)
-    if _checks.backend_for(input) == "torch":
+    # torch.func transforms inside torch.compile: Dynamo runs the ops' autograd under the transform,
+    # which torch.library's autograd registration does not support; torch's ops, for Inductor to fuse.
+    compiled_transform = torch.compiler.is_compiling() and peek_interpreter_stack() is not None
+    if compiled_transform or _checks.backend_for(input) == "torch":
         y = _torch_group_norm(input, num_groups, weight, bias, float(eps))
         return _torch_epilogue(y, activation, scale, shift).to(out_dtype)
     args = (input, weight, bias, num_groups, float(eps), activation, scale, shift)
@@ -112,7 +125,7 @@ def _torch_group_norm(input, num_groups: int, weight, bias, eps: float) -> torch
         weight = torch.ones(C, dtype=bias.dtype, device=bias.device)
     if input.numel() == 0:  # no statistics to take: the affine alone (empty), whose gradients are zero
         per_channel = (1, C, *[1] * (input.dim() - 2))
-        y = input if weight is None else input * weight.reshape(per_channel)
+        y = input.clone() if weight is None else input * weight.reshape(per_channel)  # a new tensor, as torch
         return (y if bias is None else y + bias.reshape(per_channel)).to(input.dtype)
     return F.group_norm(input, num_groups, weight, bias, eps)
 

@@ -62,6 +62,15 @@ class GroupNorm(torch.nn.GroupNorm):
             shift=shift, keep_input_dtype=self.keep_input_dtype,
         )  # fmt: skip
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling it: say why it cannot, instead of
+        # TorchScript's error about a line of gn_triton.group_norm.
+        raise RuntimeError(
+            "torch.jit.script cannot compile gn_triton.GroupNorm: its forward is Python that TorchScript does not "
+            "take (keyword-only arguments, Triton kernels behind torch.library custom ops). Use torch.compile, or "
+            "script the model before gn_triton.convert_model (gn_triton.revert_model(model) undoes it)"
+        )
+
     def reset_parameters(self) -> None:
         if _TORCH_TAKES_BIAS or self.bias is not None:
             super().reset_parameters()

@@ -97,26 +97,41 @@ def plot_all(df: pd.DataFrame, meta: dict, out: Path) -> list[Path]:
 
 def error_figure(df: pd.DataFrame, meta: dict, path: Path) -> Path:
     """A functional run's plot: each provider's error against the float64 reference at every point it
-    ran, per dtype (the interpreter's timings are no throughput, so no timing is drawn)."""
+    ran, per dtype (the interpreter's timings are no throughput, so no timing is drawn), with the pass
+    line (perf.measure's bound: above it a result counts as wrong) and a key naming each point's case."""
+    from .measure import CHECK_TOL, DTYPES  # the bound the sweep itself applied
+
     checked = df[df["check_error"].notna()].reset_index(drop=True)
     dtypes = list(dict.fromkeys(checked["dtype"]))
-    fig, axes = plt.subplots(1, max(1, len(dtypes)), figsize=(5.5 * max(1, len(dtypes)), 3.6), squeeze=False)
-    for ax, dtype in zip(axes.flat, dtypes):
+    keys = lambda rows: list(zip(rows["shape"], rows["N"], rows["mode"], rows["layout"]))  # noqa: E731
+    points = {key: k for k, key in enumerate(dict.fromkeys(keys(checked)))}  # one numbering for every panel
+    fig = plt.figure(figsize=(5.5 * max(1, len(dtypes)), 3.6 + 0.16 * math.ceil(len(points) / 3)))
+    grid = fig.add_gridspec(2, max(1, len(dtypes)), height_ratios=(3.6, 0.16 * math.ceil(len(points) / 3)))
+    for i, dtype in enumerate(dtypes):
+        ax = fig.add_subplot(grid[0, i])
         part = checked[checked["dtype"] == dtype]
-        points = {key: k for k, key in enumerate(dict.fromkeys(zip(part["shape"], part["N"], part["mode"],
-                                                                   part["layout"])))}  # fmt: skip
         for provider, rows in part.groupby("provider"):
-            x = [points[key] for key in zip(rows["shape"], rows["N"], rows["mode"], rows["layout"])]
+            x = [points[key] for key in keys(rows)]
             ax.scatter(x, rows["check_error"].clip(lower=1e-17), s=12, label=provider, color=COLORS.get(provider))
+        if dtype in DTYPES:
+            bound = CHECK_TOL[DTYPES[dtype]]
+            ax.axhline(bound, color="k", linestyle="--", linewidth=1, label=f"pass line {bound:g}")
         ax.set_yscale("log")
         ax.set_title(dtype, fontsize=10)
-        ax.set_xlabel("point (shape, batch, mode, layout)")
+        ax.set_xlabel("point (numbered in the key below)")
         ax.set_ylabel("max error / max |float64 reference|")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    key = fig.add_subplot(grid[1, :])
+    key.axis("off")
+    labels = [f"{k}: {shape}, N={n}, {mode}, {layout}" for (shape, n, mode, layout), k in points.items()]
+    rows = math.ceil(len(labels) / 3)
+    for column in range(3):
+        key.text(column / 3, 1, "\n".join(labels[column * rows : (column + 1) * rows]), fontsize=7, va="top",
+                 family="monospace", transform=key.transAxes)  # fmt: skip
     fig.suptitle(f"FUNCTIONAL CHECK in Triton's interpreter on {meta['device']}: error against the float64 "
                  "reference (not performance)", fontsize=10)  # fmt: skip
-    return _save(fig, path, rect=(0, 0, 1, 0.92))
+    return _save(fig, path, rect=(0, 0, 1, 0.95))
 
 
 def main(argv=None) -> int:

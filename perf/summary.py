@@ -140,8 +140,13 @@ def write_functional_summary(df: pd.DataFrame, meta: dict, path: Path) -> str:
     """SUMMARY.md of a functional run (no GPU). Returns its short part, for the console."""
     results = Path(__file__).parent / "results"
     committed = sorted(results.glob("*/SUMMARY.md"))
+    counts = functional_counts(df)
+    wrong = int(counts["incorrect"].sum() + counts["errors"].sum())
     short = [
         f"# gn_triton functional check on {meta['device']}",
+        "",
+        f"**Result: {int(counts['correct'].sum())} of {int(counts['checked'].sum())} results correct, "
+        f"{wrong} wrong or failed** (per provider and dtype below; the model's predictions come after).",
         "",
         "**No GPU here.** Triton's interpreter ran gn_triton's kernels on tiny shapes and every result was",
         "checked against the float64 reference (torch eager beside it); interpreter timings say nothing about",
@@ -149,7 +154,7 @@ def write_functional_summary(df: pd.DataFrame, meta: dict, path: Path) -> str:
         "",
         "## Correct results against the float64 reference, per dtype (error: max error / max |reference|)",
         "",
-        functional_counts(df).to_markdown(index=False, floatfmt=".2g"),
+        counts.to_markdown(index=False, floatfmt=".2g"),
     ]
     lines = short + [
         "",

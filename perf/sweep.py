@@ -148,6 +148,9 @@ def main(argv=None) -> int:
     meta = dict(run, activation=sweep.activation or "none", python=sys.version.split()[0], sweep=sweep.describe())
     print(f"device: {device_name}; copy bandwidth {copy_gbps:.0f} GB/s; torch {run['torch']}, "
           f"triton {run['triton']}, commit {run['commit']}")  # fmt: skip
+    # `make bench` runs in an environment of its own: say which stack this is and how to bench another
+    print(f"environment: {sys.prefix} (the stack of this Python; `python -m perf.sweep` in another environment "
+          "benches that one's torch and triton)")  # fmt: skip
     (out / "run.json").write_text(json.dumps(meta, indent=1))
 
     points = sweep.points()

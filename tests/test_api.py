@@ -1,8 +1,10 @@
 """The drop-in API: module, signatures, bad input, empty input, skipped gradients, custom ops,
 torch.compile, the CPU fallback and the autotuner's cache."""
 
+import copy
 import inspect
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,7 +123,27 @@ BAD_INPUTS = [
     ("integer scale", dict(scale=tensor(2, 4, dtype=torch.int64)), RuntimeError, ["scale", "torch.int64"]),
     ("shift on meta", dict(shift=tensor(2, 4, device="meta")), RuntimeError, ["same device", "shift", "meta"]),
     ("unknown activation", dict(activation="relu"), ValueError, ["unknown activation='relu'"]),
-]
+    # Combined bad inputs: torch's order of checks decides the type (its Python checks, then argument
+    # types, then its C++ checks).
+    ("integer input, one value per group", dict(input=tensor(1, 2, 1, dtype=torch.int64)), ValueError, ["[1, 2, 1]"]),
+    ("integer input, C not divisible", dict(input=tensor(2, 3, 4, dtype=torch.int64)), RuntimeError, ["divisible"]),
+    ("one value per group, C not divisible", dict(input=tensor(2, 1)), ValueError, ["more than 1 value"]),
+    ("integer input, num_groups 0", dict(input=tensor(2, 4, dtype=torch.int64), num_groups=0), ZeroDivisionError,
+     ["num_groups"]),
+    ("integer input, num_groups negative", dict(input=tensor(2, 4, 3, dtype=torch.int64), num_groups=-2),
+     RuntimeError, ["num_groups", "-2"]),
+    ("integer input, weight shape", dict(input=tensor(2, 4, 3, dtype=torch.int64), weight=tensor(5)), RuntimeError,
+     ["weight", "(5,)"]),
+    ("num_groups float, one value per group", dict(input=tensor(1, 2), num_groups=2.0), ValueError,
+     ["more than 1 value"]),
+    ("eps a string, one value per group", dict(input=tensor(1, 2, 1), eps="a"), ValueError, ["more than 1 value"]),
+    ("weight a list, C not divisible", dict(input=tensor(2, 3, 3), weight=lambda device: [1.0] * 3), TypeError,
+     ["weight", "list"]),
+    ("num_groups negative, C not divisible", dict(input=tensor(2, 4, 3), num_groups=-3), RuntimeError,
+     ["num_groups", "-3"]),
+    ("bool input, one value per group", dict(input=tensor(1, 2, 1, dtype=torch.bool)), ValueError, ["[1, 2, 1]"]),
+    ("num_groups a 0-d float tensor", dict(num_groups=torch.tensor(2.0)), TypeError, ["num_groups", "Tensor"]),
+]  # fmt: skip
 # Where torch raises another type (docs/drop-in.md lists these): torch fails on a list input with an
 # AttributeError from inside its Python wrapper.
 TORCH_DIFFERS = {"input not a tensor": AttributeError}
@@ -409,3 +431,192 @@ def test_cpu_fallback_keeps_gn_triton_behaviour(name, x_dtype, w_dtype, b_dtype,
     y, dx, dw, db, _, _ = forward_backward(gn_triton.group_norm, x, 2, w, b)
     assert y.shape == dx.shape == x.shape
     assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
+
+
+@pytest.mark.parametrize(
+    "num_groups,eps",
+    [(np.int64(2), 1e-5), (torch.tensor(2), 1e-5), (2, np.float32(1e-3)), (2, torch.tensor(1e-3)), (2, 1)],
+    ids=["np.int64 groups", "0-d tensor groups", "np.float32 eps", "0-d tensor eps", "int eps"],
+)
+def test_number_types_torch_takes(num_groups, eps, device):
+    """numpy numbers and 0-d tensors where torch's group_norm takes them (bad ones: test_bad_input)."""
+    x, (w, b) = make_input((2, 4, 3), device=device, offset=3.0), make_params(4, device=device)
+    expected = F.group_norm(x, num_groups, w, b, eps)
+    assert_close(gn_triton.group_norm(x, num_groups, w, b, eps), expected, TOLERANCE[torch.float32])
+
+
+def test_backend_for_refuses_what_is_not_a_tensor():
+    for bad in ([1.0], None, 3):
+        with pytest.raises(TypeError, match="input must be a Tensor"):
+            gn_triton.backend_for(bad)
+
+
+ROUTES = ["eager", "op", "torch fallback"]
+
+
+def routed(route: str, monkeypatch):
+    """gn_triton's function of (x, num_groups, w, b, eps, activation, scale, shift) on one route: the eager
+    route (interpreter or kernels), the forward op called directly (as a compiled graph calls it:
+    differentiated by the backward registered on it) or the CPU fallback (torch's kernel)."""
+    if route == "torch fallback":
+        monkeypatch.setattr(_checks, "INTERPRET", False)
+    if route == "op":
+        return lambda x, G, w, b, eps, act, s, t: torch.ops.gn_triton.group_norm_fwd(x, w, b, G, eps, act, s, t)[0]
+    return lambda x, G, w, b, eps, act, s, t: gn_triton.group_norm(x, G, w, b, eps, activation=act, scale=s, shift=t)
+
+
+@pytest.mark.parametrize("epilogue", ["plain", "silu, scale and shift", "gelu"])
+@pytest.mark.parametrize("route", ROUTES)
+def test_gradient_penalty_equals_torch(route, epilogue, device, monkeypatch):
+    """Double backward (create_graph=True): the gradient of ||dx||^2 with respect to x, weight, bias,
+    scale and shift equals torch's in float64."""
+    if route == "torch fallback" and device == "cuda":
+        pytest.skip("the fallback is a CPU path")
+    activation = None if epilogue == "plain" else epilogue.split(",")[0]
+    x = make_input((2, 4, 3, 2), torch.float64, device, offset=2.0)
+    w, b = make_params(4, torch.float64, device)
+    scale, shift = make_modulation(2, 4, torch.float64, device) if "scale" in epilogue else (None, None)
+    dy = torch.randn_like(x)
+    ours = routed(route, monkeypatch)
+
+    def penalty(fn):
+        leaves = [None if t is None else t.clone().requires_grad_() for t in (x, w, b, scale, shift)]
+        xl, wl, bl, sl, tl = leaves
+        y = fn(xl, 2, wl, bl, 1e-5, activation, sl, tl)
+        (dx,) = torch.autograd.grad(y, xl, dy, create_graph=True)
+        return torch.autograd.grad((dx**2).sum(), [t for t in leaves if t is not None], materialize_grads=True)
+
+    theirs = lambda x, G, w, b, eps, act, s, t: torch_group_norm(x, G, w, b, eps, act, s, t)  # noqa: E731
+    for got, want in zip(penalty(ours), penalty(theirs), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("eps", [1e39, float("inf")])
+@pytest.mark.parametrize("route", ["eager", "op", "eager override", "torch fallback"])
+def test_eps_beyond_fp32_range(route, eps, dtype, device, monkeypatch):
+    """eps past fp32's largest value: rstd is (about) 0 and y the bias, as torch gives, outputs and
+    gradients; no NaN."""
+    if route == "torch fallback" and device == "cuda":
+        pytest.skip("the fallback is a CPU path")
+    x = make_input((2, 4, 3), dtype, device, offset=2.0).requires_grad_()
+    w, b = (p.requires_grad_() for p in make_params(4, dtype, device))
+    dy = torch.randn_like(x)
+    # torch's CPU kernel on bf16 computes in fp32 too: the reference takes the fp32 copies
+    ref_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    expected_y = F.group_norm(x.to(ref_dtype), 2, w.to(ref_dtype), b.to(ref_dtype), eps)
+    expected = (expected_y, *torch.autograd.grad(expected_y, (x, w, b), dy.to(ref_dtype)))
+    if route == "eager override":
+        with gn_triton.enable_eager_override():
+            y = F.group_norm(x, 2, w, b, eps)
+    else:
+        y = routed(route, monkeypatch)(x, 2, w, b, eps, None, None, None)
+    got = (y, *torch.autograd.grad(y, (x, w, b), dy))
+    for name, g, e in zip(("y", "dx", "dweight", "dbias"), got, expected):
+        assert not g.isnan().any(), name
+        torch.testing.assert_close(g.to(ref_dtype), e.to(dtype).to(ref_dtype), rtol=1e-2, atol=1e-6, msg=name)
+
+
+def test_meta_tensors_propagate_shape_and_dtype():
+    """Shape and dtype propagation on the meta device, as torch's group_norm (function, module and a
+    converted model), 16-bit included (the autocast rule asks the device's autocast state)."""
+    for dtype in (torch.float16, torch.float32):
+        x = torch.empty(2, 4, 3, 3, device="meta", dtype=dtype)
+        expected = F.group_norm(x, 2)
+        for y in (
+            gn_triton.group_norm(x, 2),
+            gn_triton.group_norm(x, 2, activation="silu", keep_input_dtype=True),
+            gn_triton.GroupNorm(2, 4, device="meta", dtype=dtype)(x),
+            gn_triton.convert_model(torch.nn.Sequential(torch.nn.GroupNorm(2, 4, device="meta", dtype=dtype)))(x),
+        ):
+            assert (y.device.type, y.shape, y.dtype) == ("meta", expected.shape, expected.dtype)
+
+
+@pytest.mark.parametrize("route", ["eager", "op", "ops route (torch function mode)", "torch fallback"])
+@pytest.mark.parametrize("weight", [True, False], ids=["weight", "no weight"])
+def test_bias_updated_in_place_before_backward(route, weight, device, monkeypatch):
+    """The backward never reads the bias without an activation or a scale: an in-place update between
+    forward and backward is allowed, as with torch, and the gradients are torch's."""
+    if route == "torch fallback" and device == "cuda":
+        pytest.skip("the fallback is a CPU path")
+    x = make_input((2, 4, 3), device=device, offset=2.0).requires_grad_()
+    w, b = (p.requires_grad_() for p in make_params(4, device=device))
+    w = w if weight else None
+    dy = torch.randn_like(x)
+    inputs = [t for t in (x, w, b) if t is not None]
+
+    def step(fn):
+        y = fn(x, 2, w, b, 1e-5, None, None, None)
+        with torch.no_grad():
+            b.add_(1.0)
+        return torch.autograd.grad(y, inputs, dy)
+
+    # torch's CPU kernel cannot differentiate a bias without a weight: torch's reference gets ones
+    ones = torch.ones(4, device=device)
+    expected = step(lambda x, G, w, b, eps, *_: F.group_norm(x, G, ones if w is None else w, b, eps))
+    ours = routed("eager" if route.startswith("ops") else route, monkeypatch)
+    if route.startswith("ops"):
+        with Passthrough():
+            got = step(ours)
+    else:
+        got = step(ours)
+    for g, e in zip(got, expected, strict=True):
+        assert_close(g, e, TOLERANCE[torch.float32])
+
+
+class Passthrough(torch.overrides.TorchFunctionMode):
+    """A torch function mode that changes nothing: calls under it take the ops' route."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_empty_input_without_affine_is_a_new_tensor(monkeypatch):
+    """The CPU fallback returns a new tensor for empty input, as torch does, never the input itself."""
+    monkeypatch.setattr(_checks, "INTERPRET", False)
+    x = torch.randn(0, 4, 3)
+    assert F.group_norm(x, 2) is not x
+    assert gn_triton.group_norm(x, 2) is not x
+
+
+def converted_block(device):
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.GroupNorm(2, 4), torch.nn.SiLU()).to(device)
+    return model, gn_triton.convert_model(copy.deepcopy(model))
+
+
+def test_fx_symbolic_trace_of_a_converted_model(device):
+    """torch.fx traces a converted model as it traces torch's: gn_triton.group_norm is a node of the
+    graph, and the traced module computes what the model does."""
+    model, converted = converted_block(device)
+    x = make_input((2, 4, 3, 3), device=device, offset=1.0)
+    traced = torch.fx.symbolic_trace(converted)
+    assert gn_triton.group_norm in [node.target for node in traced.graph.nodes]
+    assert_close(traced(x), model(x), TOLERANCE[torch.float32])
+
+
+def test_torch_function_modes_see_group_norm(device):
+    """A __torch_function__ mode sees gn_triton.group_norm called (as it sees torch's F.group_norm) and
+    the result is torch's."""
+    model, converted = converted_block(device)
+    x = make_input((2, 4, 3, 3), device=device, offset=1.0)
+
+    class Recording(Passthrough):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs)
+
+    for module, norm in ((model, F.group_norm), (converted, gn_triton.group_norm)):
+        seen = []
+        with Recording():
+            y = module(x)
+        assert norm in seen
+    assert_close(y, model(x), TOLERANCE[torch.float32])
+
+
+def test_jit_script_of_a_converted_model_says_why_it_cannot():
+    """TorchScript cannot compile gn_triton's Python forward: a RuntimeError that says so and what to
+    use instead (torch's own model scripts)."""
+    model, converted = converted_block("cpu")
+    torch.jit.script(model)
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile gn_triton.GroupNorm.*torch.compile"):
+        torch.jit.script(converted)

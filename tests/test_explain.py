@@ -18,7 +18,8 @@ def test_parse_shape():
     for text, message in (("2x32x8x8:0", "num_groups must be positive, got num_groups=0"),
                           ("2x100x8x8:32", "C=100 is not divisible by num_groups=32"),
                           ("320", "at least N and C"), ("2x-3:1", "none negative"),
-                          ("2xax8:4", "got '2xax8:4'"), ("2x8:g", "got '2x8:g'")):  # fmt: skip
+                          ("2xax8:4", "got '2xax8:4'"), ("2x8:g", "got '2x8:g'"),
+                          ("1x4x1:4", "more than 1 value per channel"), ("2x1:2", "divisible")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             explain.parse_shape(text)
 
@@ -48,3 +49,36 @@ def test_command_line():
                          timeout=120)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.startswith("usage: python -m gn_triton.explain")
     assert "num_groups must be positive" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_one_value_per_group_is_refused_as_torch_refuses_it():
+    """A shape torch's group_norm rejects (one value per group) is not planned: ValueError, as torch."""
+    import torch
+
+    with pytest.raises(ValueError) as theirs:
+        torch.nn.functional.group_norm(torch.randn(1, 4, 1), 4)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        explain.parse_shape("1x4x1:4")
+    assert "more than 1 value per channel" in str(theirs.value)
+
+
+def test_one_group_is_singular_and_defaults_are_shown():
+    text = explain.explain((2, 8, 4, 4), 1, "fp32", "contiguous", H100)
+    assert text.startswith("GroupNorm of x (2, 8, 4, 4), 1 group, fp32,")
+    assert "Defaults where not given: 32 groups, --dtype bf16, --layout contiguous, --device h100" in text
+    help_text = subprocess.run([sys.executable, "-m", "gn_triton.explain", "--help"], capture_output=True, text=True,
+                               timeout=120).stdout  # fmt: skip
+    for default in ("(default: bf16)", "(default: contiguous)", "(default: h100)", "default 32"):
+        assert default in " ".join(help_text.split()), default
+
+
+def test_channels_last_3d_layout():
+    """channels_last_3d: taken for 5-D shapes, planned as channels_last; an error for other ranks."""
+    run = lambda *args: subprocess.run([sys.executable, "-m", "gn_triton.explain", *args], capture_output=True,  # noqa: E731
+                                       text=True, timeout=120)  # fmt: skip
+    ok = run("1x8x4x4x4:2", "--layout", "channels_last_3d", "--dtype", "fp32")
+    assert ok.returncode == 0, ok.stderr
+    as_channels_last = explain.explain((1, 8, 4, 4, 4), 2, "fp32", "channels_last", H100)
+    assert ok.stdout.strip().split("\n")[1:] == as_channels_last.split("\n")[1:]  # the same plan and figures
+    bad = run("1x8x4x4:2", "--layout", "channels_last_3d")
+    assert bad.returncode == 2 and "channels_last_3d needs a 5-D SHAPE" in bad.stderr and "Traceback" not in bad.stderr

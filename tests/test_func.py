@@ -1,6 +1,6 @@
 """torch.func transforms and forward-mode AD over gn_triton.group_norm, each against the same transform
-over torch's own ops (F.group_norm, then the epilogue in torch ops) in float64; second derivatives
-raise. Tiny shapes: every transform runs the kernels (in the interpreter on a CPU)."""
+over torch's own ops (F.group_norm, then the epilogue in torch ops) in float64, second derivatives
+included (forward over forward raises). Tiny shapes: every transform runs the kernels (in the interpreter on a CPU)."""
 
 from collections.abc import Callable
 from typing import NamedTuple
@@ -12,6 +12,7 @@ from gn_testing import make_input, make_modulation, make_params, torch_group_nor
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import gn_triton
+from gn_triton import autograd
 
 F64 = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -168,17 +169,71 @@ def test_reverse_over_forward_is_exact(device):
     assert_trees_close(jacrev(jacfwd(loss(ours)))(x), jacrev(jacfwd(loss(theirs)))(x))
 
 
-def test_second_derivatives_raise(device):
-    """Never a silent zero: double backward, grad of grad, Hessians and forward over forward raise."""
-    _, (x, w, b, _, _) = problem("plain", device)
-    loss = lambda x: (gn_triton.group_norm(x, 2, w, b) ** 2).sum()
-    leaf = x.clone().requires_grad_()
-    (dx,) = torch.autograd.grad(loss(leaf), leaf, create_graph=True)
-    for second in (
-        lambda: dx.sum().backward(),
-        lambda: grad(lambda x: grad(loss)(x).sum())(x),
-        lambda: hessian(loss)(x),
-        lambda: jacfwd(jacfwd(loss))(x),
+@pytest.mark.parametrize("name", list(EPILOGUES))
+def test_second_derivatives_equal_torch(name, device):
+    """grad of grad, forward over reverse and Hessians: the backward, taken while a graph of it is
+    built, is differentiable (torch ops), and equal to torch's second derivatives in float64."""
+    activation, args = problem(name, device, N=1)
+    ours, theirs = both(activation)
+    x = args[0][..., 0]  # (1, 4, 3): a Hessian of 12 x 12
+    rest = args[1:]
+    loss = lambda f: lambda x, *rest: (f(x, *rest) ** 2).sum()  # noqa: E731
+    penalty = lambda f: lambda x, *rest: (grad(loss(f))(x, *rest) ** 2).sum()  # noqa: E731
+    params = [i for i, a in enumerate((x, *rest)) if a is not None]
+    for transform in (
+        lambda f: grad(penalty(f), argnums=tuple(params))(x, *rest),
+        lambda f: hessian(loss(f))(x, *rest),
+        lambda f: jacfwd(jacrev(loss(f)))(x, *rest),
+        lambda f: jacrev(jacrev(loss(f)))(x, *rest),
     ):
-        with pytest.raises(RuntimeError, match="not twice differentiable"):
-            second()
+        assert_trees_close(transform(ours), transform(theirs))
+
+
+def test_forward_over_forward_raises(device):
+    """Never a silent zero: forward mode over forward mode is not implemented, and says so."""
+    _, (x, w, b, _, _) = problem("plain", device)
+    loss = lambda x: (gn_triton.group_norm(x, 2, w, b) ** 2).sum()  # noqa: E731
+    with pytest.raises(RuntimeError, match="forward mode over forward mode"):
+        jacfwd(jacfwd(loss))(x[..., 0])
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "vmap(grad)"])
+def test_torch_compile_over_transforms(transform, device, monkeypatch):
+    """torch.compile of a torch.func transform of gn_triton.group_norm works and equals the same
+    transform of torch's ops (Dynamo cannot run the custom ops' autograd under a transform: torch's
+    ops there, which Inductor compiles)."""
+    # conftest's NaN-filled torch.empty is a mutation in the traced graph (torch.func's own allocations),
+    # which Inductor refuses: torch's own here
+    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
+    monkeypatch.setattr(torch, "empty_like", torch._C._VariableFunctions.empty_like)
+    activation, (x, w, b, scale, shift) = problem("silu, scale and shift", device)
+    ours, theirs = both(activation)
+    loss = lambda f: lambda x: (f(x, w, b, scale, shift) ** 2).sum()  # noqa: E731
+    make = {"grad": grad, "jacrev": jacrev, "vmap(grad)": lambda f: vmap(grad(f), in_dims=0)}[transform]
+    xs = torch.stack([x, x + 1]) if transform == "vmap(grad)" else x
+    torch._dynamo.reset()
+    assert_trees_close(torch.compile(make(loss(ours)))(xs), make(loss(theirs))(xs))
+
+
+def test_vmap_over_weights_in_their_last_dim(device):
+    """vmap over a batch of weights and biases held as (C, batch): in_dims=1."""
+    _, (x, _, _, _, _) = problem("plain", device)
+    W, B = make_input((4, 5), F64, device), make_input((4, 5), F64, device)
+    ours, theirs = both(None)
+    f = lambda fn: vmap(lambda w, b: fn(x, w, b, None, None), in_dims=(1, 1))  # noqa: E731
+    assert_trees_close(f(ours)(W, B), f(theirs)(W, B))
+
+
+def test_a_single_grad_keeps_the_kernels_and_refuses_an_outer_autograd(device, monkeypatch):
+    """torch.func.grad builds a graph of every gradient: a single one (and vmap(grad), Opacus's
+    per-sample gradients) still runs the backward kernels; plain autograd differentiating that
+    gradient again raises (never a silent zero), where nested torch.func transforms are exact."""
+    _, (x, w, b, _, _) = problem("plain", device)
+    loss = lambda x: (gn_triton.group_norm(x, 2, w, b) ** 2).sum()  # noqa: E731
+    expected = grad(lambda x: (torch_group_norm(x, 2, w, b) ** 2).sum())(x)
+    monkeypatch.setattr(autograd, "_torch_backward", lambda *args: pytest.fail("the torch-op backward ran"))
+    assert_trees_close(grad(loss)(x), expected)
+    assert_trees_close(vmap(grad(loss))(x[None]), expected[None])
+    leaf = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        torch.autograd.grad((grad(loss)(leaf) ** 2).sum() + leaf.sum(), leaf)

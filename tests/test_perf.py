@@ -66,6 +66,31 @@ def test_functional_sweep_end_to_end_runs_the_interpreter(tmp_path):
     assert "| gn_triton   | fp32    |" in summary_text  # correct/incorrect counts per provider and dtype
     assert [p.name for p in tmp_path.glob("*.png")] == ["errors.png"]  # no throughput plot of interpreter timings
     assert (tmp_path / "errors.png").stat().st_size > 10_000
+    # The verdict comes first, before any table (the model's predictions are a long one)
+    first_table = summary_text.index("\n|")
+    assert 0 <= summary_text.index("**Result: ") < first_table, summary_text[:600]
+    checked = int((~df["status"].str.startswith("skipped")).sum())
+    assert "results correct, 0 wrong or failed**" in summary_text and f" of {checked} results" in summary_text
+    assert "environment: " in proc.stdout  # says which stack it benches
+
+
+def test_error_figure_has_a_key_and_the_pass_line(tmp_path, monkeypatch):
+    """errors.png names each numbered point's case and draws perf.measure's bound for the dtype."""
+    from perf import measure
+
+    drawn = {}
+    real_save = plot._save
+    monkeypatch.setattr(plot, "_save", lambda fig, path, rect=None: drawn.setdefault("fig", fig) and real_save(
+        fig, path, rect))  # fmt: skip
+    cases = [(shape, N) for shape in ("C32 8x8 G8", "C64 4x4 G32") for N in (1, 2)]
+    rows = [dict(shape=shape, N=N, mode="fwd", layout="contiguous", provider=p, dtype="fp32", check_error=1e-7)
+            for shape, N in cases for p in ("gn_triton", "torch_eager")]  # fmt: skip
+    plot.error_figure(pd.DataFrame(rows), dict(device="cpu"), tmp_path / "errors.png")
+    texts = " ".join(t.get_text() for ax in drawn["fig"].axes for t in ax.texts)
+    for k, (shape, N) in enumerate(cases):
+        assert f"{k}: {shape}, N={N}, fwd, contiguous" in texts
+    lines = [line.get_ydata()[0] for line in drawn["fig"].axes[0].get_lines()]
+    assert measure.CHECK_TOL[measure.DTYPES["fp32"]] in lines
 
 
 def synthetic_sweep() -> tuple[pd.DataFrame, dict]:

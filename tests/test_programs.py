@@ -158,15 +158,17 @@ def test_one_workspace_per_call(monkeypatch, device):
         assert sorted(made) == ["empty", "empty_like", "empty_like", "empty_like"]  # the partials; dx, dw, db
 
 
-def test_gradient_of_the_gradient_raises_on_the_eager_route(device):
-    """create_graph=True: the first-order gradient is right; differentiating it again raises."""
+def test_gradient_of_the_gradient_on_the_eager_route(device):
+    """create_graph=True: the first-order gradient is right, and differentiating it again gives torch's
+    second derivative (issue #28: this raised "not twice differentiable" before)."""
     x = make_input((2, 4, 6), device=device, offset=1.0).requires_grad_()
     dy = torch.randn(2, 4, 6, device=device)
     y = gn_triton.group_norm(x, 2)
     (dx,) = torch.autograd.grad(y, (x,), dy, create_graph=True)
     assert_close(dx, reference(x.detach(), 2, dy=dy)[1], TOLERANCE[torch.float32])
-    with pytest.raises(RuntimeError, match="not twice differentiable"):
-        torch.autograd.grad(dx.sum(), (x,))
+    (expected_dx,) = torch.autograd.grad(torch.nn.functional.group_norm(x, 2), (x,), dy, create_graph=True)
+    got, expected = (torch.autograd.grad((d**2).sum(), (x,))[0] for d in (dx, expected_dx))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_a_saved_tensor_hook_that_changes_x_layout(device):
