@@ -8,7 +8,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _activations, _checks, _launch, _ops, autograd
 from ._plan import Affine
-from .autograd import GroupNormFunction, peek_interpreter_stack
+from .autograd import GroupNormFunction
 
 # torch's own form of each fused activation (the CPU fallback; also what peers are timed with).
 TORCH_ACTIVATIONS = {name: a.torch for name, a in _activations.ACTIVATIONS.items()}
@@ -71,7 +71,8 @@ def group_norm(
     out_dtype = input.dtype if keep_input_dtype else _checks.output_dtype(input)
     # torch.func transforms inside torch.compile: Dynamo runs the ops' autograd under the transform,
     # which torch.library's autograd registration does not support; torch's ops, for Inductor to fuse.
-    compiled_transform = torch.compiler.is_compiling() and peek_interpreter_stack() is not None
+    # (Under Dynamo, peek_interpreter_stack() does not say whether a transform is active; this does.)
+    compiled_transform = torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
     if compiled_transform or _checks.backend_for(input) == "torch":
         y = _torch_group_norm(input, num_groups, weight, bias, float(eps))
         return _torch_epilogue(y, activation, scale, shift).to(out_dtype)

@@ -196,3 +196,20 @@ def test_torch_jit_trace_records_the_op_not_a_launch(device):
         traced = torch.jit.trace(norm, x)
         y = traced(other)
     assert_close(y, reference(other, 2, norm.weight.detach(), norm.bias.detach())[0], TOLERANCE[torch.float32])
+
+
+def test_a_compiled_graph_calls_gn_tritons_op(device):
+    """torch.compile without a torch.func transform: the graph holds gn_triton's op (not torch's ops,
+    which only a transform inside the compiled function calls for)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm
+
+    x = make_input((2, 4, 6), device=device)
+    w, b = make_params(4, device=device)
+    torch.compiler.reset()
+    y = torch.compile(lambda x: gn_triton.group_norm(x, 2, w, b), backend=backend, fullgraph=True)(x)
+    assert graphs and "gn_triton.group_norm_fwd" in graphs[0], graphs
+    assert_close(y, reference(x, 2, w, b)[0], TOLERANCE[torch.float32])
