@@ -79,6 +79,23 @@ def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None
     return b if a is None else a if b is None else a + b
 
 
+class _Differentiable:
+    """x's normalisation in torch ops, its statistics taken again from x (differentiable: the saved ones
+    are constants to autograd), in the statistics' dtype `acc`: rstd and x_hat_rows per (N, G, row), and
+    views of a (C,) or (N, C) tensor against x (`channel`, `sample`)."""
+
+    def __init__(self, input: torch.Tensor, num_groups: int, eps: float) -> None:
+        self.acc = acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        N, C = input.shape[:2]
+        spatial = [1] * (input.dim() - 2)
+        self.channel = lambda t: t.to(acc).reshape(1, C, *spatial)
+        self.sample = lambda t: t.to(acc).reshape(N, C, *spatial)
+        rows = input.to(acc).reshape(N, num_groups, -1)
+        var, mean = torch.var_mean(rows, -1, correction=0, keepdim=True)
+        self.rstd = torch.rsqrt(var + eps)
+        self.x_hat_rows = (rows - mean) * self.rstd
+
+
 def _tangent(saved, num_groups: int, eps: float, activation, tangents, out_dtype: torch.dtype) -> torch.Tensor:
     """The forward-mode derivative of y = act(z), z = u*(1 + s) + t, u = x_hat*w + b, in torch ops in
     the statistics' dtype. With <.> the mean over a group and r = rstd (mean' = <x'>, r' = -r^2*<x_hat*x'>):
@@ -88,14 +105,9 @@ def _tangent(saved, num_groups: int, eps: float, activation, tangents, out_dtype
     reverse mode over this formula (torch.func.jacrev(jacfwd(f))) is exact."""
     input, weight, bias, scale, shift = saved[:5]
     dx, dw, db, ds, dt = tangents
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    N, C = input.shape[:2]
-    channel = lambda t: t.to(acc).reshape(1, C, *[1] * (input.dim() - 2))
-    sample = lambda t: t.to(acc).reshape(N, C, *[1] * (input.dim() - 2))
-    rows = input.to(acc).reshape(N, num_groups, -1)
-    var, mean = torch.var_mean(rows, -1, correction=0, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    x_hat = (rows - mean) * rstd
+    f = _Differentiable(input, num_groups, eps)
+    acc, channel, sample, rstd, x_hat = f.acc, f.channel, f.sample, f.rstd, f.x_hat_rows
+    N = input.shape[0]
     u_dot = None
     if dx is not None:
         d_rows = dx.to(acc).reshape(N, num_groups, -1)
@@ -201,14 +213,9 @@ def _torch_backward(grad_out, saved, num_groups: int, eps: float, activation, ne
         dw = sum(du*x_hat),  db = sum(du),  ds = sum(dz*u),  dt = sum(dz).
     The statistics are taken again here, differentiably (the saved ones are constants to autograd)."""
     input, weight, bias, scale, shift = saved
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    N, C = input.shape[:2]
-    channel = lambda t: t.to(acc).reshape(1, C, *[1] * (input.dim() - 2))
-    sample = lambda t: t.to(acc).reshape(N, C, *[1] * (input.dim() - 2))
-    rows = input.to(acc).reshape(N, num_groups, -1)
-    var, mean = torch.var_mean(rows, -1, correction=0, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    x_hat = ((rows - mean) * rstd).reshape(input.shape)
+    f = _Differentiable(input, num_groups, eps)
+    acc, channel, sample, rstd, x_hat_rows = f.acc, f.channel, f.sample, f.rstd, f.x_hat_rows
+    x_hat = x_hat_rows.reshape(input.shape)
     u = x_hat if weight is None else x_hat * channel(weight)
     u = u if bias is None else u + channel(bias)
     dz = grad_out.to(acc)
@@ -220,8 +227,8 @@ def _torch_backward(grad_out, saved, num_groups: int, eps: float, activation, ne
     positions, all_positions = tuple(range(2, input.dim())), (0, *range(2, input.dim()))
     dx = dw = db = ds = dt = None
     if needs[0]:
-        d_hat = (du if weight is None else du * channel(weight)).reshape(rows.shape)
-        h = x_hat.reshape(rows.shape)
+        d_hat = (du if weight is None else du * channel(weight)).reshape(x_hat_rows.shape)
+        h = x_hat_rows
         dx = rstd * (d_hat - d_hat.mean(-1, keepdim=True) - h * (d_hat * h).mean(-1, keepdim=True))
         dx = dx.reshape(input.shape).to(input.dtype)
     if needs[1] and weight is not None:
