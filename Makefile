@@ -52,14 +52,19 @@ $(VENV)/.perf: $(VENV)/.stack pyproject.toml
 	$(PY) -m pip install -q -e ".[perf]"
 	touch $@
 
-# $(call stack_rule,DIR,TORCH,TRITON): the rule making DIR/.test, that stack with the suite's dependencies.
+# $(call stack_rule,DIR,TORCH,TRITON,EXTRA): the rule making DIR/.test, that stack with the suite's
+# dependencies, and EXTRA (if any) installed with --no-deps.
 define stack_rule
 $(1)/.test: pyproject.toml
 	$$(call new_venv,$(1),torch==$(2),triton==$(3))
 	$(1)/bin/python -m pip install -q -e ".[test,models,notebooks]"
+	$(if $(4),$(1)/bin/python -m pip install -q --no-deps $(4))
 	touch $$@
 endef
-$(eval $(call stack_rule,$(FLOOR_VENV),$(FLOOR_TORCH),$(FLOOR_TRITON)))
+# timm's models (tests/test_timm.py) on the floor stack: timm needs torchvision, and the newest torchvision
+# makes pip replace torch, so the torchvision built for this torch is pinned and neither pulls its deps.
+FLOOR_TIMM := torchvision==0.26.0 timm==1.0.31
+$(eval $(call stack_rule,$(FLOOR_VENV),$(FLOOR_TORCH),$(FLOOR_TRITON),$(FLOOR_TIMM)))
 $(eval $(call stack_rule,$(NEWEST_VENV),$(NEWEST_TORCH),$(NEWEST_TRITON)))
 
 lint: $(VENV)/.test
