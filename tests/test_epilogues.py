@@ -89,3 +89,19 @@ def test_module_forward_takes_scale_shift(device):
     scale, shift = make_modulation(3, 4, torch.float64, device)
     expected = torch_group_norm(x, 2, norm.weight, norm.bias, activation="silu", scale=scale, shift=shift)
     assert_close(norm(x, scale=scale, shift=shift), expected, TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+def test_large_activation_inputs_give_their_limits_without_warnings(device, activation):
+    """|z| far past exp's range (a weight of 200): the activation's limits, as torch gives them, and no
+    numpy overflow warning from Triton's interpreter (a GPU's float semantics)."""
+    import warnings
+
+    x = make_input((2, 4, 8), device=device)
+    w = torch.full((4,), 200.0, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = gn_triton.group_norm(x, 2, w, activation=activation)
+    expected = TORCH_ACTIVATIONS[activation](torch.nn.functional.group_norm(x.double(), 2, w.double()))
+    assert torch.isfinite(y).all()
+    assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
