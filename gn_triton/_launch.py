@@ -150,7 +150,7 @@ class _Workspace:
     """Where a program's workspace holds its pieces: (offset, length) of each, in elements."""
 
     def __init__(self, layout: Sequence[tuple[int, int]], dtype: torch.dtype) -> None:
-        self.layout, self.dtype = list(layout), dtype
+        self.layout = list(layout)
         self.numel = max(offset + length for offset, length in layout)
         self.byte_offsets = [offset * dtype.itemsize for offset, _ in layout]
 
