@@ -40,12 +40,13 @@ def plan_launches(direction: str, p: Problem, plan: Plan, needs: Sequence[bool] 
     """The launches of one call of `direction` ("fwd" or "bwd") with `plan` (fitted to p), in order."""
     plan = plan.fit(p)
     needs_dx, needs_dw, needs_db, needs_dscale, needs_dshift = default_needs(p) if needs is None else needs
-    flags = dict(plan.meta(), **p.flags())  # the normalising kernels': the plan's tile and the problem's flags
+    # The normalising kernels': the plan's tile and the problem's flags.
+    flags = dict(plan.meta(), **p.flags(plan.groups_per_program))
     if direction == "fwd":
         if plan.split == 1:
             return [Launch("_gn_fwd_fused_kernel", (plan.blocks(p),), flags)]
         spans, chunks = plan.span(p.S)[1], plan.chunk(p)[1]
-        stats = dict(plan.meta(), **p.base_flags(), CHUNK_C=plan.chunk_constexpr(p))
+        stats = dict(plan.meta(), **p.base_flags(plan.groups_per_program), CHUNK_C=plan.chunk_constexpr(p))
         apply = dict(flags, BLOCK_SPANS=merge_step(spans * chunks), CHUNK_C=plan.chunk_constexpr(p))
         return [launch for offset, count in plan.waves(p)
                 for launch in (Launch("_gn_fwd_partial_stats_kernel", (count, spans, chunks), stats, offset),
@@ -100,7 +101,8 @@ def plan_part_launches(part: str, p: Problem, plan: Plan, needs: Sequence[bool] 
     (blocks of the wave, spans[, channel chunks]); "grad_sums" then reduces the sums into the parameters' gradients that
     `needs` asks for (dweight, dbias, dscale, dshift)."""
     plan = plan.fit(p)
-    flags = dict(plan.meta(), **(p.base_flags() if part == "stats" else p.flags()))
+    groups = plan.groups_per_program
+    flags = dict(plan.meta(), **(p.base_flags(groups) if part == "stats" else p.flags(groups)))
     grid = (plan.span(p.S)[1],)
     if part in ("stats", "grad_sums"):  # these walk a group's channels in the plan's chunks
         flags["CHUNK_C"] = plan.chunk_constexpr(p)

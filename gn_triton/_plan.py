@@ -80,6 +80,13 @@ class Problem:
         """Programs' blocks when each owns `groups` adjacent groups of one sample."""
         return self.N * triton.cdiv(self.G, groups)
 
+    def channel_multiple(self, groups: int) -> int:
+        """channels_last: the channels of x's widest aligned load when a program owns `groups` adjacent
+        groups, the largest power of two that divides the first channel of every block (a multiple of
+        groups*Cg) and its end (that, or C), up to a 16-byte vector (1 where nothing is aligned)."""
+        run = min(groups * self.Cg & -(groups * self.Cg), self.C & -self.C)
+        return min(run, max(1, 16 // self.elem_size))
+
     @property
     def elem_size(self) -> int:
         return self.dtype.itemsize
@@ -97,16 +104,17 @@ class Problem:
                    has_shift=affine.shift is not None, activation=check_activation(affine.activation),
                    out_dtype=None if out_dtype == x.dtype else out_dtype)  # fmt: skip
 
-    def flags(self) -> dict:
-        """The constexprs of the normalising kernels: what follows the normalisation, how x is
-        addressed, the accumulator."""
+    def flags(self, groups: int) -> dict:
+        """The constexprs of the normalising kernels with `groups` groups per program: what follows the
+        normalisation, how x is addressed, the accumulator."""
         epilogue = Epilogue(HAS_WEIGHT=self.has_weight, HAS_BIAS=self.has_bias, HAS_SCALE=self.has_scale,
                             HAS_SHIFT=self.has_shift, ACTIVATION=self.activation)  # fmt: skip
-        return dict(EPILOGUE=epilogue, **self.base_flags())
+        return dict(EPILOGUE=epilogue, **self.base_flags(groups))
 
-    def base_flags(self) -> dict:
+    def base_flags(self, groups: int) -> dict:
         """The constexprs of the kernels that only read x (partial statistics)."""
-        layout = Layout(CHANNELS_LAST=self.channels_last, INDEX_64=self.N * self.C * self.S > _INT32_MAX)
+        layout = Layout(CHANNELS_LAST=self.channels_last, INDEX_64=self.N * self.C * self.S > _INT32_MAX,
+                        C_MULTIPLE=self.channel_multiple(groups) if self.channels_last else 1)  # fmt: skip
         return dict(LAYOUT=layout, ACC=tl.float64 if self.dtype == torch.float64 else tl.float32)
 
 

@@ -42,19 +42,12 @@ def device_info(device: torch.device) -> tuple[int, int]:
 def _tile(p: Problem, groups: int, elems: int, split: int, chunks: int = 1) -> tuple[int, int]:
     """(block_c, block_s) of about `elems` elements, long along the layout's contiguous axis, and
     short enough along positions that a block splits into `split` spans."""
-    channels = min(p.Cg * groups, p.C)
     positions = triton.next_power_of_2(p.S)
     if split > 1:
         span = triton.cdiv(p.S, split)
         positions = min(positions, max(16, 1 << (span.bit_length() - 1)))
     if p.channels_last:
-        # A pixel's channels of the block in one tile row when they fit in 128; otherwise channel
-        # blocks that divide them (no padded lanes), at least 32 wide.
-        block_c = triton.next_power_of_2(channels)
-        if block_c > 128:
-            divisor = channels & -channels
-            block_c = min(128, divisor) if divisor >= 32 else 128
-        return block_c, min(positions, max(1, elems // block_c))
+        return _channels_last_tile(p, Plan(split, groups), positions, elems)
     return _nchw_tile(p, Plan(split, groups, chunks=chunks), positions, elems)
 
 
@@ -81,6 +74,38 @@ def _nchw_tile(p: Problem, plan: Plan, positions: int, elems: int) -> tuple[int,
     return best
 
 
+# channels_last tile rows: a pixel's channels of the block, at most this many (the [R, BLOCK_C] membership
+# masks and per-channel vectors grow with it; 256 bf16 channels are 512 contiguous bytes).
+_MAX_CHANNELS_LAST_ROW = 256
+
+
+def _channels_last_tile(p: Problem, plan: Plan, positions: int, elems: int) -> tuple[int, int]:
+    """channels_last: the tile rows are the block's channels at a pixel (contiguous), the columns pixels.
+    Of the tiles of 512 (or elems/2 if less) to elems elements, the one whose lanes hold data most often
+    (rows that divide the block's channels, e.g. 16 of Cg = 40 x 2 groups, no padded lanes; few pixels
+    past a span's end on odd maps such as 7x7), then the largest, then the one with the longest rows.
+    Rows of fewer channels than a 16-byte vector are taken only where they mask fewer lanes. Where a
+    split's short spans cap the pixels of a tile, tiles of one warp's 16-byte vectors qualify too."""
+    channels = min(p.Cg * plan.groups_per_program, p.C)
+    warp_of_vectors = 32 * max(1, 16 // p.elem_size)
+    best, best_key = None, None
+    block_c = min(triton.next_power_of_2(channels), _MAX_CHANNELS_LAST_ROW, elems)
+    while block_c >= 1:
+        block_s = min(positions, elems // block_c)
+        smallest = warp_of_vectors if block_s == positions else min(elems // 2, 512)
+        while block_s >= 1 and block_c * block_s >= smallest:
+            valid = dataclasses.replace(plan, block_c=block_c, block_s=block_s).valid_share(p)
+            key = (round(valid * 20), block_c * block_s, block_c)  # valid share in steps of 5%
+            if best_key is None or key > best_key:
+                best, best_key = (block_c, block_s), key
+            block_s //= 2
+        block_c //= 2
+    if best is None:  # a block smaller than the smallest tile: all of it in one
+        block_c = min(triton.next_power_of_2(channels), _MAX_CHANNELS_LAST_ROW)
+        best = (block_c, min(positions, max(1, elems // block_c)))
+    return best
+
+
 def _chunk_options(p: Problem, split: int, groups: int) -> list[tuple[int, int]]:
     """(spans, chunks) of a block's programs worth considering: the split itself, and on the NCHW split
     path with one group per program, the group's channels cut into chunks of 1, 2, 4, ... channels
@@ -103,12 +128,10 @@ def _make_plan(p: Problem, split: int, groups: int, elems: int, num_warps: int, 
         key = (round(plan.valid_share(p) * 20), block_c * block_s, -chunks)  # as _nchw_tile, then fewer chunks
         if best_key is None or key > best_key:
             best, best_key = plan, key
-    if not p.channels_last:
-        # A smaller NCHW tile (fewer masked lanes) keeps the elements per thread: fewer warps (a loop
-        # over 8 elements a thread costs ~0.3 instructions per element more than one over 16).
-        warps = max(1, min(num_warps, num_warps * best.block_c * best.block_s // elems))
-        best = dataclasses.replace(best, num_warps=warps)
-    return best
+    # A smaller tile (fewer masked lanes, a short span) keeps the elements per thread: fewer warps (a
+    # loop over 8 elements a thread costs ~0.3 instructions per element more than one over 16).
+    warps = max(1, min(num_warps, num_warps * best.block_c * best.block_s // elems))
+    return dataclasses.replace(best, num_warps=warps)
 
 
 def _block_bytes(direction: str, p: Problem, groups: int) -> int:

@@ -59,6 +59,11 @@ class Layout(NamedTuple):
 
     CHANNELS_LAST: tl.constexpr  # NHWC / NDHWC (offsets above)
     INDEX_64: tl.constexpr  # offsets in int64: the tensor has 2^31 elements or more
+    # A power of two that divides Cg (and so C and every block's first channel), up to a 16-byte vector
+    # of x's elements: in channels_last a tile row's channels then start on a vector boundary, which
+    # the compiler cannot see in a runtime Cg such as 40 (only multiples of 16 are specialised), and
+    # the loads along channels are 128-bit. 1 where it does not matter (NCHW).
+    C_MULTIPLE: tl.constexpr = 1
 
 
 @triton.jit
@@ -74,15 +79,19 @@ def tile_offsets(c, s, C, S, LAYOUT: tl.constexpr):
 
 
 @triton.jit
-def group_block(block, G, Cg, C, R: tl.constexpr):
+def group_block(block, G, Cg, C, R: tl.constexpr, LAYOUT: tl.constexpr):
     """The block-th block of R consecutive groups of one sample (blocks numbered sample by sample):
     (n, first channel c_begin, end channel c_end, group ids gid [R], their mask [R])."""
     blocks_per_sample = tl.cdiv(G, R)
     n = block // blocks_per_sample
     first = (block % blocks_per_sample) * R
     c_begin = first * Cg
+    c_end = tl.minimum(c_begin + R * Cg, C)
+    if LAYOUT.C_MULTIPLE > 1:  # both are multiples of Cg, and so of C_MULTIPLE
+        c_begin = tl.multiple_of(c_begin, tl.constexpr(LAYOUT.C_MULTIPLE))
+        c_end = tl.multiple_of(c_end, tl.constexpr(LAYOUT.C_MULTIPLE))
     gid = first + tl.arange(0, R)
-    return n, c_begin, tl.minimum(c_begin + R * Cg, C), gid, gid < G
+    return n, c_begin, c_end, gid, gid < G
 
 
 @triton.jit

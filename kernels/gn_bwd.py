@@ -53,7 +53,7 @@ def _gn_bwd_fused_kernel(
     EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
     NEEDS_DX: tl.constexpr, NEEDS_PARTIALS: tl.constexpr,  # DX, or Partials (for the parameters' gradients)
 ):  # fmt: skip
-    n, c_begin, c_end, gid, gid_mask = group_block(tl.program_id(0), G, Cg, C, R)
+    n, c_begin, c_end, gid, gid_mask = group_block(tl.program_id(0), G, Cg, C, R, LAYOUT)
     x_sample = X + n.to(tl.int64) * C * S
     dy_sample = DY + n.to(tl.int64) * C * S
     scale_n = Scale + n * C
@@ -97,7 +97,7 @@ def _gn_bwd_partial_sums_kernel(
 ):  # fmt: skip
     """Per-(n, c, span) dz_sum, dz_xc_sum into Partials (N, C, SPANS, 2); W, B, Scale, Shift are read only
     with a fused activation (dz = dy*act'(z) needs z)."""
-    n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
+    n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R, LAYOUT)
     j = tl.program_id(1)
     s_begin, s_end = span_bounds(j, span, S)
     c_lo, c_hi = chunk_bounds(c_begin, c_end, CHUNK_C)
@@ -123,7 +123,7 @@ def _gn_bwd_split_dx_kernel(
     BLOCK_SPANS: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr, CHUNK_C: tl.constexpr,
 ):  # fmt: skip
-    n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
+    n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R, LAYOUT)
     j = tl.program_id(1)
     mean_hi, mean_lo, rstd = load_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask)
 

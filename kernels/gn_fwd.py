@@ -43,7 +43,7 @@ def _gn_fwd_fused_kernel(
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    n, c_begin, c_end, gid, gid_mask = group_block(tl.program_id(0), G, Cg, C, R)
+    n, c_begin, c_end, gid, gid_mask = group_block(tl.program_id(0), G, Cg, C, R, LAYOUT)
     x_sample = X + n.to(tl.int64) * C * S
     y_sample = Y + n.to(tl.int64) * C * S
 
@@ -70,7 +70,7 @@ def _gn_fwd_partial_stats_kernel(
 ):  # fmt: skip
     """Count, mean and M2 of x - reference over one (chunk, span) piece, and the reference, at
     Partials[n*G + group, chunk*spans + span]."""
-    n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
+    n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R, LAYOUT)
     j = tl.program_id(1)
     s_begin, s_end = span_bounds(j, span, S)
     c_lo, c_hi = chunk_bounds(c_begin, c_end, CHUNK_C)
@@ -96,7 +96,7 @@ def _gn_fwd_split_apply_kernel(
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr, CHUNK_C: tl.constexpr,
 ):  # fmt: skip
-    n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
+    n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R, LAYOUT)
     j = tl.program_id(1)
     x_sample = X + n.to(tl.int64) * C * S
     y_sample = Y + n.to(tl.int64) * C * S

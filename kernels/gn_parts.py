@@ -24,7 +24,7 @@ def _gn_normalize_kernel(
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
+    n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R, LAYOUT)
     mean_hi, mean_lo, rstd = load_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask)
     s_begin, s_end = span_bounds(tl.program_id(1), span, S)
     sample = n.to(tl.int64) * C * S
@@ -40,7 +40,7 @@ def _gn_dx_kernel(
     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     EPILOGUE: tl.constexpr, LAYOUT: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R)
+    n, c_begin, c_end, gid, gid_mask = group_block(block_offset + tl.program_id(0), G, Cg, C, R, LAYOUT)
     mean_hi, mean_lo, rstd = load_stats(Mean, MeanLo, Rstd, n, G, gid, gid_mask)
     coef_x = tl.load(CoefX + n * G + gid, mask=gid_mask, other=0.0)
     coef_1 = tl.load(Coef1 + n * G + gid, mask=gid_mask, other=0.0)

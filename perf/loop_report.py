@@ -5,16 +5,16 @@ the SASS of an ahead-of-time sm_90 compilation (no GPU needed). Static figures, 
     python -m perf.static_report --loops --json F.json   # also the rows, for a later --loops-compare
     python -m perf.static_report --loops --loops-compare perf/results/static/loops_baseline.json
 
-For every heuristic plan (perf/suites.py shapes x batches, bf16 and fp32, NCHW and channels_last, an
-H100's plans, weight and bias, no activation) it compiles the plan's kernels for sm_90 and reads
-`cuobjdump --dump-sass`. A loop is a backward branch (a BRA to a lower address); an innermost loop is
-one that holds no other. Each kernel's element loops are its last innermost loops (statistics or
-gradient sums, then the elementwise pass; the split paths' merges over spans come before and are not
-element loops). Per loop: the body's instructions / the elements each thread handles per iteration
-(tile / (32 x warps)) = instructions per tile element, then per valid element (divided by the share
-of the tile's lanes that hold data, Plan.valid_share: masked rows and positions of the plan's tiles
-on the shape, the split path's channel chunks included), and
-the barriers (BAR) and shuffles (SHFL) inside it.
+For every heuristic plan (perf/suites.py shapes x batches, bf16, fp16 and fp32, NCHW and, for 4-D and
+5-D shapes, channels_last and channels_last_3d; an H100's plans, weight and bias, no activation) it
+compiles the plan's kernels for sm_90 and reads `cuobjdump --dump-sass`. A loop is a backward branch (a
+BRA to a lower address); an innermost loop is one that holds no other. Each kernel's element loops are
+its last innermost loops (statistics or gradient sums, then the elementwise pass; the split paths'
+merges over spans come before and are not element loops). Per loop: the body's instructions / the
+elements each thread handles per iteration (tile / (32 x warps)) = instructions per tile element, then
+per valid element (divided by the share of the tile's lanes that hold data, Plan.valid_share: masked
+rows and positions of the plan's tiles on the shape, the split path's channel chunks included), and the
+barriers (BAR) and shuffles (SHFL) inside it.
 
 The issue budget: a GPU issues SMs x 4 schedulers x 32 lanes x clock thread-instructions per second,
 and a bandwidth-bound pass moves bytes / (copy bandwidth) elements per second, so it may spend
@@ -47,9 +47,9 @@ from perf.static_report import Spec
 from perf.suites import BATCHES, SUITES
 
 BUDGET_DEVICES = {"h100": (132, 1.98e9, 3.0e12), "h200": (132, 1.98e9, 4.3e12)}  # SMs, clock Hz, copy B/s
-# Thresholds of a lean kernel (bf16 NCHW, aligned, tiles of >= MIN_TILE elements): instructions per valid element.
+# Thresholds of a lean kernel, 16-bit input, every layout: instructions per valid element. fp32 moves twice
+# the bytes per element, so its issue budget per element is twice as large: its limits are twice these.
 LIMITS = {"stats": 8.0, "sums": 8.0, "apply": 10.0, "dx": 10.0, "fwd": 16.0, "bwd": 20.0}
-MIN_TILE = 512
 # Each kernel's element loops, in code order: they are its last innermost loops.
 ELEMENT_LOOPS = {
     "_gn_fwd_fused_kernel": ("stats", "apply"),
@@ -59,7 +59,20 @@ ELEMENT_LOOPS = {
     "_gn_bwd_partial_sums_kernel": ("sums",),
     "_gn_bwd_split_dx_kernel": ("dx",),
 }
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The memory formats of the report's rows: (N, C, *spatial) contiguous, channels_last (4-D) and
+# channels_last_3d (5-D); (N, C, L) tensors have no channels_last format.
+CHANNELS_LAST_NAMES = {2: "nhwc", 3: "ndhwc"}
+
+
+def layout_name(channels_last: bool, spatial_dims: int) -> str:
+    return CHANNELS_LAST_NAMES[spatial_dims] if channels_last else "nchw"
+
+
+def contiguous_run_aligned(C: int, S: int, channels_last: bool) -> bool:
+    """Whether the layout's contiguous run starts on 16 elements (so 16 bytes) and the runtime sees it: NCHW
+    rows of S positions (C and S multiples of 16), channels_last pixels of C channels (C a multiple of 16)."""
+    return C % 16 == 0 and (channels_last or S % 16 == 0)
 
 
 def issue_budget(device: str, direction: str, elem_size: int) -> float:
@@ -127,9 +140,9 @@ def kernel_loops(spec: Spec) -> dict:
     return out
 
 
-def plan_specs(p: Problem, plan: Plan, aligned: bool, direction: str) -> list[Spec]:
+def plan_specs(p: Problem, plan: Plan, direction: str) -> list[Spec]:
     """The element-loop kernels `plan` launches for `p` in `direction` (the launch table's)."""
-    return [s for s in static_report._specs_for_plan(p, plan, aligned, direction) if s.kernel in ELEMENT_LOOPS]
+    return [s for s in static_report._specs_for_plan(p, plan, direction) if s.kernel in ELEMENT_LOOPS]
 
 
 def suite_plans() -> list[dict]:
@@ -141,16 +154,20 @@ def suite_plans() -> list[dict]:
         for channels_last in (False, True):
             for shapes in SUITES.values():
                 for shape in shapes:
+                    if channels_last and len(shape.spatial) not in CHANNELS_LAST_NAMES:
+                        continue
                     S = int(torch.Size(shape.spatial).numel())
+                    layout = layout_name(channels_last, len(shape.spatial))
                     for N in BATCHES:
                         p = Problem(N, shape.C, S, shape.G, torch_dtype, channels_last, True, True)
-                        aligned = shape.C % 16 == 0 and S % 16 == 0
+                        aligned = contiguous_run_aligned(shape.C, S, channels_last)
                         for direction in ("fwd", "bwd"):
                             plan = _tuning.heuristic_plan(direction, p, device)
                             share = round(plan.valid_share(p), 4)
-                            key = (direction, dtype, channels_last, plan, aligned, share)
-                            new = dict(direction=direction, dtype=dtype, channels_last=channels_last, plan=plan,
-                                       aligned=aligned, valid_share=share, shapes=[], problem=p)  # fmt: skip
+                            vector = p.channel_multiple(plan.groups_per_program)
+                            key = (direction, dtype, layout, plan, aligned, share, vector)
+                            new = dict(direction=direction, dtype=dtype, layout=layout, plan=plan, aligned=aligned,
+                                       valid_share=share, shapes=[], problem=p)  # fmt: skip
                             entry = entries.setdefault(key, new)
                             entry["shapes"].append(f"{N}x{shape.label}")
     return list(entries.values())
@@ -164,18 +181,19 @@ def run(jobs: int, entries: list[dict] | None = None) -> list[dict]:
     """One row per suite_plans entry: each kernel's element loops, and the direction's total per valid
     element against the H100 and H200 budgets."""
     entries = suite_plans() if entries is None else entries
-    specs = {s: None for e in entries for s in plan_specs(e["problem"], e["plan"], e["aligned"], e["direction"])}
+    specs = {s: None for e in entries for s in plan_specs(e["problem"], e["plan"], e["direction"])}
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         compiled = dict(pool.map(_kernel_loops, specs))
     rows = []
     for e in entries:
-        plan = e["plan"]
-        row = dict(direction=e["direction"], dtype=e["dtype"], layout="nhwc" if e["channels_last"] else "nchw",
+        plan, p = e["plan"], e["problem"]
+        row = dict(direction=e["direction"], dtype=e["dtype"], layout=e["layout"],
                    aligned=e["aligned"], split=plan.split > 1, R=plan.groups_per_program, chunks=plan.chunks,
                    tile=f"{plan.block_c}x{plan.block_s}", warps=plan.num_warps,
-                   masked=round(1 - e["valid_share"], 4), shapes=e["shapes"], kernels={})  # fmt: skip
+                   masked=round(1 - e["valid_share"], 4), shapes=e["shapes"], kernels={},
+                   channel_vector_bytes=p.channel_multiple(plan.groups_per_program) * p.elem_size)  # fmt: skip
         total, errors = 0.0, []
-        for spec in plan_specs(e["problem"], plan, e["aligned"], e["direction"]):
+        for spec in plan_specs(e["problem"], plan, e["direction"]):
             loops = compiled[spec]
             row["kernels"][spec.kernel] = loops
             if "error" in loops:
@@ -205,23 +223,31 @@ def loop_cells(row: dict) -> dict:
     return cells
 
 
+def wants_128_bit_loads(row: dict) -> bool:
+    """Whether a row's loads of x must be 128-bit: its layout's contiguous run is 16-byte aligned and the
+    runtime sees it (contiguous_run_aligned), and in channels_last a group's channels fill a 16-byte vector."""
+    return row["aligned"] and (row["layout"] == "nchw" or row.get("channel_vector_bytes", 16) >= 16)
+
+
 def violations(row: dict) -> list[str]:
-    """What a row breaks of LIMITS, where they apply: bf16 NCHW, aligned, tiles of >= MIN_TILE elements
-    (the issue's scope is tiles of >= 1024; the planner also picks 512-element tiles where they mask
-    fewer lanes, and those are held to the same limits)."""
-    c, s = (int(v) for v in row["tile"].split("x"))
-    if row["dtype"] != "bf16" or row["layout"] != "nchw" or not row["aligned"] or c * s < MIN_TILE:
-        return []
+    """What a row breaks: LIMITS per valid element (twice them for fp32), a barrier or shuffle inside an
+    element loop, a spill, or a load narrower than 128 bits where wants_128_bit_loads."""
     if "error" in row:
         return [row["error"]]
+    scale = 2.0 if row["dtype"] == "fp32" else 1.0
     out = []
     for role, (per_valid, sync) in loop_cells(row).items():
-        if per_valid > LIMITS[role]:
-            out.append(f"{role} {per_valid} > {LIMITS[role]}")
+        if per_valid > scale * LIMITS[role]:
+            out.append(f"{role} {per_valid} > {scale * LIMITS[role]}")
         if sync:
             out.append(f"{role}: {sync} BAR/SHFL in the loop")
-    if row["total"] > LIMITS[row["direction"]]:
-        out.append(f"{row['direction']} total {row['total']} > {LIMITS[row['direction']]}")
+    if row["total"] > scale * LIMITS[row["direction"]]:
+        out.append(f"{row['direction']} total {row['total']} > {scale * LIMITS[row['direction']]}")
+    for name, kernel in row["kernels"].items():
+        if kernel.get("spill_bytes"):
+            out.append(f"{name}: {kernel['spill_bytes']} bytes spilled")
+        if wants_128_bit_loads(row) and kernel.get("widest_load_bits", 128) < 128:
+            out.append(f"{name}: widest load {kernel['widest_load_bits']} bits")
     return out
 
 

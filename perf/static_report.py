@@ -64,10 +64,21 @@ class Spec:
     channels_last: bool
     constexprs: tuple  # sorted (name, value) pairs
     num_warps: int
-    aligned: bool  # C and S multiples of 16: the runtime then specialises them as divisible by 16
+    divisible: tuple[str, ...]  # the sizes (C, S) that are multiples of 16: the runtime specialises them so
+
+    @property
+    def aligned(self) -> bool:
+        """C and S both multiples of 16."""
+        return self.divisible == ("C", "S")
 
 
-def _specs_for_plan(p: Problem, plan: Plan, aligned: bool, direction: str | None = None) -> list[Spec]:
+def divisible_sizes(C: int, S: int) -> tuple[str, ...]:
+    """Which of C and S the runtime specialises as divisible by 16 (channels_last loads along channels
+    need only C; NCHW rows need S)."""
+    return tuple(name for name, value in (("C", C), ("S", S)) if value % 16 == 0)
+
+
+def _specs_for_plan(p: Problem, plan: Plan, direction: str | None = None) -> list[Spec]:
     """The kernels `plan` launches for `p` (both directions, every gradient; or `direction`'s), as the
     launch table lists them, each with its constexprs flat (the Epilogue/Layout bundles' fields) and
     its warps: what the runtime would compile."""
@@ -85,7 +96,7 @@ def _specs_for_plan(p: Problem, plan: Plan, aligned: bool, direction: str | None
             flat.update(value._asdict() if isinstance(value, tuple) else {name: value})
         items = tuple(sorted(flat.items()))
         warps = launch.constexprs.get("num_warps", 4)  # the runtime's default where a launch gives none
-        specs[Spec(launch.kernel, dtype, p.channels_last, items, warps, aligned)] = None
+        specs[Spec(launch.kernel, dtype, p.channels_last, items, warps, divisible_sizes(p.C, p.S))] = None
     return list(specs)
 
 
@@ -113,14 +124,13 @@ def all_specs(quick: bool, device: _cost.DeviceModel | None = None) -> list[Spec
         for channels_last in (False, True):
             for N, C, S, G in SUITE:
                 p = Problem(N, C, S, G, torch_dtype, channels_last, True, True)
-                aligned = C % 16 == 0 and S % 16 == 0
                 for direction in ("fwd", "bwd"):
                     plan = _tuning.heuristic_plan(direction, p, device)
-                    heuristic.update(dict.fromkeys(_specs_for_plan(p, plan, aligned)))
+                    heuristic.update(dict.fromkeys(_specs_for_plan(p, plan)))
                     for plan in _tuning.candidate_plans(direction, p, device):
-                        candidates.update(dict.fromkeys(_specs_for_plan(p, plan, aligned)))
+                        candidates.update(dict.fromkeys(_specs_for_plan(p, plan)))
                     for plan in _tuning.plan_space(direction, p, device):
-                        for spec in _specs_for_plan(p, plan, aligned):
+                        for spec in _specs_for_plan(p, plan):
                             key = (spec.kernel, spec.dtype, spec.channels_last)
                             if key not in largest or _tile_elems(spec) > _tile_elems(largest[key]):
                                 largest[key] = spec
@@ -137,19 +147,19 @@ def all_specs(quick: bool, device: _cost.DeviceModel | None = None) -> list[Spec
     p = Problem(*SUITE[0], torch.float16, False, True, True)
     for direction in ("fwd", "bwd"):
         plan = _tuning.heuristic_plan(direction, p, device)
-        for spec in _specs_for_plan(p, plan, True):
+        for spec in _specs_for_plan(p, plan):
             if "INDEX_64" in dict(spec.constexprs):  # the kernels that address x (not the parameter reductions)
                 specs[_with(spec, INDEX_64=True)] = None
         for activation in (1, 2, 3):  # the fused SiLU / GELU / GELU-tanh epilogues, with scale-shift
             epilogue = dataclasses.replace(p, dtype=torch.bfloat16, activation=activation, has_scale=activation == 1,
                                            has_shift=activation == 1)  # fmt: skip
-            specs.update(dict.fromkeys(_specs_for_plan(epilogue, plan, True)))
+            specs.update(dict.fromkeys(_specs_for_plan(epilogue, plan)))
     # The small parameter-gradient kernels, in each parameter dtype (fp64 statistics for fp64).
     for dtype in TL_DTYPES:
         dparams = dict(BLOCK_N=16, BLOCK_C=128, HAS_SCALE=True, NEEDS_DW=True, NEEDS_DB=True)
-        specs[Spec("_gn_bwd_dparams_kernel", dtype, False, tuple(sorted(dparams.items())), 4, True)] = None
+        specs[Spec("_gn_bwd_dparams_kernel", dtype, False, tuple(sorted(dparams.items())), 4, ("C", "S"))] = None
         dmod = dict(BLOCK_C=128, HAS_WEIGHT=True, HAS_BIAS=True, NEEDS_DSCALE=True, NEEDS_DSHIFT=True)
-        specs[Spec("_gn_bwd_dscale_shift_kernel", dtype, False, tuple(sorted(dmod.items())), 4, True)] = None
+        specs[Spec("_gn_bwd_dscale_shift_kernel", dtype, False, tuple(sorted(dmod.items())), 4, ("C", "S"))] = None
     return list(specs)
 
 
@@ -176,7 +186,7 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict, dict]:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-        sizes = ("C", "S") if spec.aligned else ()
+        sizes = spec.divisible
         span_aligned = constexprs.get("BLOCK_S", 0) % 16 == 0  # a span is a whole number of tiles
         if signature[name].startswith("*") or name in sizes or (name == "span" and span_aligned):
             attrs[(i,)] = [["tt.divisibility", 16]]

@@ -135,7 +135,8 @@ def kernel_variants(direction, p, plan):
     plan = plan.fit(p)
     spec = lambda v: (v == 1, v % 16 == 0)
     base = (direction, p.dtype, p.channels_last, plan.groups_per_program, plan.block_c, plan.block_s,
-            plan.num_warps, spec(p.C), spec(p.S), spec(p.Cg))  # fmt: skip
+            plan.num_warps, spec(p.C), spec(p.S), spec(p.Cg),
+            p.channel_multiple(plan.groups_per_program) if p.channels_last else 1)  # fmt: skip
     if plan.split == 1:
         return {("fused", *base)}
     span, split = plan.span(p.S)

@@ -107,7 +107,7 @@ import json, torch
 from gn_triton._plan import Plan, Problem
 from perf import loop_report
 p = Problem(1, 320, 64 * 64, 32, torch.bfloat16, False, True, True)
-entries = [dict(direction=d, dtype="bf16", channels_last=False, plan=plan, aligned=True,
+entries = [dict(direction=d, dtype="bf16", layout="nchw", plan=plan, aligned=True,
                 valid_share=plan.valid_share(p), shapes=["1xC320 64x64 G32"], problem=p)
            for d in ("fwd", "bwd")
            for plan in (Plan(1, 1, 1, 4096, 8), Plan(4, 1, 2, 1024, 8), Plan(4, 1, 2, 1024, 4, chunks=5).fit(p))]
