@@ -19,7 +19,6 @@ repository: the import, one group_norm in Triton's interpreter against torch in 
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import subprocess
 import sys
@@ -29,12 +28,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def version() -> str:
-    """gn_triton's version, from its one place (gn_triton/_version.py)."""
-    return re.search(r'__version__ = "([^"]+)"', (ROOT / "gn_triton" / "_version.py").read_text()).group(1)
+from hub import ROOT, version  # release/hub.py, beside this script
 
 
 def run(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -115,12 +109,16 @@ def smoke(wheel: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     steps = parser.add_subparsers(dest="step", required=True)
-    steps.add_parser("build", help="build and check the sdist and wheel").add_argument(
-        "--out", type=Path, default=ROOT / "dist", help="where the archives go")
-    steps.add_parser("smoke", help="install the wheel in a fresh environment and test it").add_argument(
-        "wheel", type=Path, nargs="?", default=ROOT / "dist" / f"gn_triton-{version()}-py3-none-any.whl")  # fmt: skip
+    build_step = steps.add_parser("build", help="build and check the sdist and wheel")
+    build_step.add_argument("--out", type=Path, default=ROOT / "dist", help="where the archives go")
+    smoke_step = steps.add_parser("smoke", help="install the wheel in a fresh environment and test it")
+    wheel = ROOT / "dist" / f"gn_triton-{version()}-py3-none-any.whl"
+    smoke_step.add_argument("wheel", type=Path, nargs="?", default=wheel)
     args = parser.parse_args(argv)
-    build(args.out) if args.step == "build" else smoke(args.wheel)
+    if args.step == "build":
+        build(args.out)
+    else:
+        smoke(args.wheel)
     return 0
 
 
