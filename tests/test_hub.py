@@ -6,6 +6,7 @@ where gn_triton does not run a call, and the hub copy beside the installed gn_tr
 
 import copy
 import importlib
+import importlib.util
 import json
 import re
 import subprocess
@@ -249,3 +250,16 @@ def test_the_installed_package_has_the_layers():
     module = importlib.import_module("gn_triton.layers")
     for layer in (module.GroupNorm, module.GroupNormSiLU):
         kernels._internals.layer.layer._validate_layer(check_cls=torch.nn.GroupNorm, cls=layer, repo="gn_triton")
+
+
+def test_the_build_refuses_an_absolute_self_import(tmp_path):
+    """The hub imports its copy under the build id, where `import gn_triton` would reach an installed
+    gn_triton (or nothing): release/hub.py refuses a module that imports the package by name."""
+    spec = importlib.util.spec_from_file_location("hub_build", ROOT / "release" / "hub.py")
+    hub_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hub_build)
+    hub_build.check_relative_imports(hub_build.sources())  # the package as it is passes
+    for line in ("import gn_triton.functional", "from gn_triton import _ops", "from gn_triton._ops import NAMESPACE"):
+        (tmp_path / "bad.py").write_text(f"{line}\n")
+        with pytest.raises(SystemExit, match="imports gn_triton by name"):
+            hub_build.check_relative_imports({"bad.py": tmp_path / "bad.py"})
