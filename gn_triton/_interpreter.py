@@ -48,7 +48,7 @@ def serialise_launches() -> None:
     kernels = __name__.rpartition(".")[0] + ".kernels"
     run = InterpretedFunction.run
     if getattr(run, "_gn_triton_serialised", False):
-        run._gn_triton_kernels.add(kernels)  # the first copy imported patched it: each copy adds its kernels
+        getattr(run, "_gn_triton_kernels", set()).add(kernels)  # the first copy patched it; each adds its kernels
         return
 
     import numpy as np
