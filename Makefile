@@ -10,6 +10,7 @@
 #                      run there as one smoke test each; torch 2.13.0 + triton 3.9.0, the newest triton (what
 #                      a CPU build of torch, which pins no triton, gets): API, module, autograd, compile and
 #                      one path per kernel
+#   make hub, make dist, make release-check: the kernels-hub build and the wheel (below)
 # torch==2.13.0 and torch==2.11.0 are CUDA builds of several GB from the package index (a CPU build of
 # 2.13.0 where pip is pointed at one). Override the pins of `make test` with TORCH_SPEC=... TRITON_SPEC=...
 
@@ -30,7 +31,8 @@ NEWEST_VENV := .venv-stacks/torch$(NEWEST_TORCH)-triton$(NEWEST_TRITON)
 FLOOR_PYTEST_ARGS ?= -m "not slow_family or smoke"
 NEWEST_PYTEST_ARGS ?= -m "stack_subset"
 
-.PHONY: test test-stacks test-floor test-newest bench host-report lint static-report notebooks evidence rehearse-evidence clean
+.PHONY: test test-stacks test-floor test-newest bench host-report lint static-report notebooks evidence rehearse-evidence \
+	hub dist release-check clean
 
 # $(call new_venv,DIR,TORCH_SPEC,TRITON_SPEC): a virtual environment holding exactly that torch and triton.
 define new_venv
@@ -127,5 +129,28 @@ static-report: $(if $(filter $(DEFAULT_TRITON_SPEC),$(TRITON_SPEC)),$(VENV)/.tes
 	.venv-static/$*/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
+# The two distribution routes (docs/distribution.md), prepared and tested, neither published yet.
+#   make hub            the Hugging Face kernels-hub build in build/hub/ (standard library only)
+#   make dist           the sdist and wheel in dist/, built from the files git tracks, twine-checked
+#   make release-check  that wheel installed into a fresh environment and smoke-tested there, away from
+#                       the source tree
+# dist and release-check run in $(RELEASE_VENV): the pinned torch and triton, numpy, build and twine, and no
+# gn_triton, so the smoke test's fresh environment can borrow its torch instead of installing one again.
+RELEASE_VENV := .venv-release
+
+$(RELEASE_VENV)/.ready:
+	$(call new_venv,$(RELEASE_VENV),$(TORCH_SPEC),$(TRITON_SPEC))
+	$(RELEASE_VENV)/bin/python -m pip install -q numpy build twine
+	touch $@
+
+hub:
+	$(PYTHON) release/hub.py --out build/hub
+
+dist: $(RELEASE_VENV)/.ready
+	$(RELEASE_VENV)/bin/python release/dist.py build --out dist
+
+release-check: dist
+	$(RELEASE_VENV)/bin/python release/dist.py smoke
+
 clean:
-	rm -rf $(VENV) .venv-stacks .venv-static perf/out .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-stacks .venv-static $(RELEASE_VENV) perf/out build dist .pytest_cache .ruff_cache .hypothesis

@@ -9,11 +9,12 @@
     gn_triton.enable_eager_override()  # eager: every aten group_norm it supports runs gn_triton's kernels
     gn_triton.distributed.group_norm(shard, 32, w, b)  # one sample sharded across processes (torch.distributed)
     gn_triton.stats.group_stats(x, 32)  # statistics as values: take, merge (merge_stats), apply (normalize)
+    gn_triton.layers.GroupNorm  # a layer for the `kernels` package's kernelize (docs/distribution.md)
 
 Importing touches no GPU.
 """
 
-from . import _checks, _ops  # noqa: F401  (_ops registers the gn_triton:: custom ops)
+from . import _checks, _ops, layers  # noqa: F401  (_ops registers the custom ops; layers: for `kernels`' kernelize)
 from ._checks import backend_for
 from ._interpreter import fix_loop_bounds as _fix_loop_bounds
 from ._version import __version__

@@ -44,8 +44,11 @@ def serialise_launches() -> None:
     """Make every interpreted kernel launch of the process hold LAUNCH_LOCK (once; idempotent)."""
     from triton.runtime.interpreter import InterpretedFunction
 
+    # This copy's kernels: "gn_triton.kernels" when installed; a kernels-hub copy has its own module name.
+    kernels = __name__.rpartition(".")[0] + ".kernels"
     run = InterpretedFunction.run
     if getattr(run, "_gn_triton_serialised", False):
+        getattr(run, "_gn_triton_kernels", set()).add(kernels)  # the first copy patched it; each adds its kernels
         return
 
     import numpy as np
@@ -54,11 +57,13 @@ def serialise_launches() -> None:
     def serialised_run(self, *args, **kwargs):
         # gn_triton's kernels get a GPU's float semantics: exp(-z) of a large |z| overflows to inf
         # silently (SiLU/GELU then give their limits), where numpy would warn on every launch.
-        ours = getattr(getattr(self, "fn", None), "__module__", "").startswith("gn_triton.kernels")
+        module = getattr(getattr(self, "fn", None), "__module__", "")
+        ours = module.rpartition(".")[0] in serialised_run._gn_triton_kernels
         with LAUNCH_LOCK, np.errstate(over="ignore") if ours else contextlib.nullcontext():
             return run(self, *args, **kwargs)
 
     serialised_run._gn_triton_serialised = True
+    serialised_run._gn_triton_kernels = {kernels}
     InterpretedFunction.run = serialised_run
 
 

@@ -20,10 +20,15 @@ import torch
 from . import _launch
 from ._plan import Affine
 
+# The ops' torch.library namespace: the package's own module name, "gn_triton" when installed. A copy
+# loaded under another name (a kernels-hub build, whose module name is its unique build id) registers
+# its own ops beside an installed gn_triton's instead of colliding with them; one name is one module,
+# so a copy is never registered twice.
+NAMESPACE = __name__.rpartition(".")[0].replace(".", "_")
 _FLEXIBLE = (torch.Tag.flexible_layout,)
 
 
-@torch.library.custom_op("gn_triton::group_norm_fwd", mutates_args=(), tags=_FLEXIBLE)
+@torch.library.custom_op(f"{NAMESPACE}::group_norm_fwd", mutates_args=(), tags=_FLEXIBLE)
 def group_norm_fwd(
     input: torch.Tensor,
     weight: torch.Tensor | None,
@@ -46,7 +51,7 @@ def _(input, weight, bias, num_groups, eps, activation=None, scale=None, shift=N
     return _launch.empty_outputs(input, num_groups, out_dtype)
 
 
-@torch.library.custom_op("gn_triton::group_norm_bwd", mutates_args=(), tags=_FLEXIBLE)
+@torch.library.custom_op(f"{NAMESPACE}::group_norm_bwd", mutates_args=(), tags=_FLEXIBLE)
 def group_norm_bwd(
     grad_out: torch.Tensor,
     input: torch.Tensor,
@@ -116,7 +121,7 @@ def _unfolded(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.reshape(batch, -1, *t.shape[1:])
 
 
-@torch.library.register_vmap("gn_triton::group_norm_fwd")
+@torch.library.register_vmap(f"{NAMESPACE}::group_norm_fwd")
 def _fwd_vmap(info, in_dims, input, weight, bias, num_groups, eps, activation=None, scale=None, shift=None,
               out_dtype=None):  # fmt: skip
     x_dim, w_dim, b_dim, _, _, _, s_dim, t_dim = (*in_dims, *[None] * 8)[:8]
@@ -132,7 +137,7 @@ def _fwd_vmap(info, in_dims, input, weight, bias, num_groups, eps, activation=No
     return tuple(_unfolded(t, batch) for t in outputs), (0, 0, 0, 0)
 
 
-@torch.library.register_vmap("gn_triton::group_norm_bwd")
+@torch.library.register_vmap(f"{NAMESPACE}::group_norm_bwd")
 def _bwd_vmap(info, in_dims, grad_out, input, weight, bias, mean, mean_lo, rstd, num_groups, output_mask,
               activation=None, scale=None, shift=None):  # fmt: skip
     dy_dim, x_dim, w_dim, b_dim, m_dim, lo_dim, r_dim, _, _, _, s_dim, t_dim = (*in_dims, *[None] * 12)[:12]

@@ -282,7 +282,7 @@ def _op_backward(ctx, grad_y, _grad_mean, _grad_mean_lo, _grad_rstd):
     return _backward(ctx, grad_y)
 
 
-torch.library.register_autograd("gn_triton::group_norm_fwd", _op_backward, setup_context=_setup_context)
+torch.library.register_autograd(f"{_ops.NAMESPACE}::group_norm_fwd", _op_backward, setup_context=_setup_context)
 
 
 # --- the plain eager route ------------------------------------------------------------------------

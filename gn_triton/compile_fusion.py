@@ -59,7 +59,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from . import _checks
+from . import _checks, _ops
 from ._checks import INTERPRET
 from ._switch import Switch
 
@@ -182,7 +182,7 @@ def _replace(graph: Graph, gn: Node) -> bool:
         if shift is not None:
             shift_node = graph.call_method("flatten", (shift, 1))
         fused = graph.call_function(
-            torch.ops.gn_triton.group_norm_fwd.default,
+            getattr(torch.ops, _ops.NAMESPACE).group_norm_fwd.default,
             (x, args.get("weight"), args.get("bias"), num_groups, float(eps), activation, scale_node, shift_node,
              None if out_dtype == x_val.dtype else out_dtype),
         )  # fmt: skip
@@ -200,10 +200,11 @@ def _file_hash(paths: Sequence[Path]) -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in paths)).hexdigest()
 
 
-# What the pass's output depends on: this file, the ops' schema and autograd, and whether CPU
+# What the pass's output depends on: this file, the ops' schema, namespace and autograd, and whether CPU
 # tensors run the kernels (the interpreter).
 _HERE = Path(__file__).parent
-_UUID = _file_hash([_HERE / "compile_fusion.py", _HERE / "_ops.py", _HERE / "autograd.py"]) + f"-interpret={INTERPRET}"
+_UUID = (_file_hash([_HERE / "compile_fusion.py", _HERE / "_ops.py", _HERE / "autograd.py"])
+         + f"-{_ops.NAMESPACE}-interpret={INTERPRET}")  # fmt: skip
 
 
 class _FusionPass(CustomGraphPass):

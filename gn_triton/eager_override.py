@@ -47,12 +47,12 @@ from typing import Any
 
 import torch
 
-from . import _checks, _launch
+from . import _checks, _launch, _ops
 from ._launch import stats_dtype
 from ._plan import Affine, memory_format
 from ._switch import Switch
 
-_DSL_NAME = "gn_triton"  # our name in torch._native's registry
+_DSL_NAME = _ops.NAMESPACE  # our name in torch._native's registry (a hub copy has its own)
 _HALF = (torch.float16, torch.bfloat16)
 
 

@@ -142,6 +142,8 @@ def explain(shape: tuple[int, ...], groups: int, dtype: str, layout: str, device
         if found:
             us, pct, path = found
             lines.append(f"  MEASURED: {us:.1f} us = {pct:.0f}% of copy bandwidth ({path.parent.name})")
+    if not RESULTS.is_dir():  # an installed wheel or a kernels-hub copy holds no results
+        lines += ["", "No measured results here: they are read from perf/results/ in a checkout of the repository."]
     return "\n".join(lines)
 
 

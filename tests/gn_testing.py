@@ -3,6 +3,7 @@ comparison with the float64 reference (assert_matches_reference)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from cases import PLANS, SIXTEEN_BIT
 
 import gn_triton
-from gn_triton import _tuning
+from gn_triton import _launch, _tuning
 from gn_triton.reference import TOLERANCE, group_norm_reference
 from gn_triton.reference import relative_error as error
 
@@ -86,6 +87,31 @@ def make_modulation(N, C, dtype=torch.float32, device="cpu", scale=True, shift=T
     s = (0.5 * torch.randn(N, C, dtype=torch.float64, device=device)).to(dtype) if scale else None
     t = torch.randn(N, C, dtype=torch.float64, device=device).to(dtype) if shift else None
     return tuple(None if u is None else laid_out(u, layout) for u in (s, t))
+
+
+class _Recorder:
+    """A kernel's stand-in: records kernel[grid](*args, **kwargs), then launches the real one."""
+
+    def __init__(self, name, kernel, log):
+        self.name, self.kernel, self.log = name, kernel, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.name, tuple(grid), kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@contextlib.contextmanager
+def recording(monkeypatch, launch=_launch):
+    """Yields the list of every kernel launch (name, grid, keyword arguments) made inside the block
+    through `launch`'s kernel table: gn_triton._launch's, or that of another copy of gn_triton (a
+    kernels-hub build's)."""
+    launches = []
+    for name, kernel in launch.KERNELS.items():
+        monkeypatch.setitem(launch.KERNELS, name, _Recorder(name, kernel, launches))
+    yield launches
 
 
 def forced(plan: str):

@@ -4,15 +4,13 @@ asked for, the kernels launched, in order, on which grids, with the plan's tile 
 gradient flags (the correctness tests show those launches compute the right results); and the cost
 model's launch count is the number of launches a call makes."""
 
-import contextlib
-
 import pytest
 import torch
 from cases import PLANS
-from gn_testing import forced, make_input, make_modulation, make_params
+from gn_testing import forced, make_input, make_modulation, make_params, recording
 
 import gn_triton
-from gn_triton import _cost, _launch
+from gn_triton import _cost
 
 # The shape every case runs: N = 2, C = 8, G = 4 (Cg = 2), S = 5*7 = 35.
 SIZE, GROUPS = (2, 8, 5, 7), 4
@@ -30,29 +28,6 @@ EXPECTED_GRIDS = {
     "split 3, 2 channel chunks": ("split", [(8, 3, 2)]),
 }
 CHUNK_C = {"split 3, 2 channel chunks": 1}  # channels per chunk; 0 = the whole block
-
-
-class _Recorder:
-    """A kernel's stand-in: records kernel[grid](*args, **kwargs), then launches the real one."""
-
-    def __init__(self, name, kernel, log):
-        self.name, self.kernel, self.log = name, kernel, log
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.log.append((self.name, tuple(grid), kwargs))
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
-@contextlib.contextmanager
-def recording(monkeypatch):
-    """Yields the list of every kernel launch (name, grid, keyword arguments) made inside the block."""
-    launches = []
-    for name, kernel in _launch.KERNELS.items():
-        monkeypatch.setitem(_launch.KERNELS, name, _Recorder(name, kernel, launches))
-    yield launches
 
 
 def expected_launches(plan: str, needs: dict) -> list[tuple[str, tuple]]:
