@@ -84,16 +84,15 @@ def _channels_last_tile(p: Problem, plan: Plan, positions: int, elems: int) -> t
     Of the tiles of 512 (or elems/2 if less) to elems elements, the one whose lanes hold data most often
     (rows that divide the block's channels, e.g. 16 of Cg = 40 x 2 groups, no padded lanes; few pixels
     past a span's end on odd maps such as 7x7), then the largest, then the one with the longest rows.
-    Rows of fewer channels than a 16-byte vector are taken only where they mask fewer lanes. Where a
-    split's short spans cap the pixels of a tile, tiles of one warp's 16-byte vectors qualify too."""
+    Rows of fewer channels than a 16-byte vector are taken only where they mask fewer lanes. (Smaller
+    tiles, one warp of 8 or 4 elements a thread, masked nothing on the short spans of batch-1 splits,
+    yet their loops issued 2-4x the instructions per element: the loop's own instructions dominate.)"""
     channels = min(p.Cg * plan.groups_per_program, p.C)
-    warp_of_vectors = 32 * max(1, 16 // p.elem_size)
     best, best_key = None, None
     block_c = min(triton.next_power_of_2(channels), _MAX_CHANNELS_LAST_ROW, elems)
     while block_c >= 1:
         block_s = min(positions, elems // block_c)
-        smallest = warp_of_vectors if block_s == positions else min(elems // 2, 512)
-        while block_s >= 1 and block_c * block_s >= smallest:
+        while block_s >= 1 and block_c * block_s >= min(elems // 2, 512):
             valid = dataclasses.replace(plan, block_c=block_c, block_s=block_s).valid_share(p)
             key = (round(valid * 20), block_c * block_s, block_c)  # valid share in steps of 5%
             if best_key is None or key > best_key:
