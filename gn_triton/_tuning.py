@@ -46,32 +46,7 @@ def _tile(p: Problem, groups: int, elems: int, split: int, chunks: int = 1) -> t
     if split > 1:
         span = triton.cdiv(p.S, split)
         positions = min(positions, max(16, 1 << (span.bit_length() - 1)))
-    if p.channels_last:
-        return _channels_last_tile(p, Plan(split, groups), positions, elems)
-    return _nchw_tile(p, Plan(split, groups, chunks=chunks), positions, elems)
-
-
-def _nchw_tile(p: Problem, plan: Plan, positions: int, elems: int) -> tuple[int, int]:
-    """NCHW: of the tiles of 512 (or elems/2 if less) to elems elements, the one whose lanes hold data
-    most often (Plan.valid_share: rows past a chunk's channels and columns past a span's end are
-    masked, yet issue their instructions), then the largest; the longest rows of `elems` when none is
-    that large (short rows). The plan's warps follow the tile (_make_plan)."""
-    channels = plan.chunk(p)[0] if plan.chunks > 1 else min(p.Cg * plan.groups_per_program, p.C)
-    best, best_key = None, None
-    block_s = min(positions, elems)
-    while block_s >= 16:
-        block_c = min(triton.next_power_of_2(channels), elems // block_s)
-        while block_c >= 1 and block_c * block_s >= min(elems // 2, 512):
-            valid = dataclasses.replace(plan, block_c=block_c, block_s=block_s).valid_share(p)
-            key = (round(valid * 20), block_c * block_s, block_s)  # valid share in steps of 5%
-            if best_key is None or key > best_key:
-                best, best_key = (block_c, block_s), key
-            block_c //= 2
-        block_s //= 2
-    if best is None:
-        block_s = min(positions, elems)
-        best = (min(triton.next_power_of_2(channels), max(1, elems // block_s)), block_s)
-    return best
+    return _least_masked_tile(p, Plan(split, groups, chunks=chunks), positions, elems)
 
 
 # channels_last tile rows: a pixel's channels of the block, at most this many (the [R, BLOCK_C] membership
@@ -79,29 +54,38 @@ def _nchw_tile(p: Problem, plan: Plan, positions: int, elems: int) -> tuple[int,
 _MAX_CHANNELS_LAST_ROW = 256
 
 
-def _channels_last_tile(p: Problem, plan: Plan, positions: int, elems: int) -> tuple[int, int]:
-    """channels_last: the tile rows are the block's channels at a pixel (contiguous), the columns pixels.
-    Of the tiles of 512 (or elems/2 if less) to elems elements, the one whose lanes hold data most often
-    (rows that divide the block's channels, e.g. 16 of Cg = 40 x 2 groups, no padded lanes; few pixels
-    past a span's end on odd maps such as 7x7), then the largest, then the one with the longest rows.
-    Rows of fewer channels than a 16-byte vector are taken only where they mask fewer lanes. (Smaller
-    tiles, one warp of 8 or 4 elements a thread, masked nothing on the short spans of batch-1 splits,
-    yet their loops issued 2-4x the instructions per element: the loop's own instructions dominate.)"""
-    channels = min(p.Cg * plan.groups_per_program, p.C)
+def _least_masked_tile(p: Problem, plan: Plan, positions: int, elems: int) -> tuple[int, int]:
+    """Of the tiles of 512 (or elems/2 if less) to elems elements, the one whose lanes hold data most often
+    (Plan.valid_share: rows past a block's or chunk's channels and columns past a span's end are masked,
+    yet issue their instructions), then the largest, then the one longest along the layout's contiguous
+    axis: NCHW a channel's positions (rows of at least 16), channels_last a pixel's channels (rows that
+    divide the block's channels, e.g. 16 of Cg = 40 x 2 groups; odd maps such as 7x7 mask only pixels
+    past a span's end). When none is that large, the block in one tile. The plan's warps follow the tile
+    (_make_plan). In channels_last, smaller tiles (one warp of 8 or 4 elements a thread) masked nothing on
+    the short spans of batch-1 splits, yet their loops issued 2-4x the instructions per element."""
+    if p.channels_last:  # the long axis is the block's channels
+        channels = min(p.Cg * plan.groups_per_program, p.C)
+        long_top, long_min, short_top = min(triton.next_power_of_2(channels), _MAX_CHANNELS_LAST_ROW), 1, positions
+        as_tile = lambda long, short: (long, short)  # noqa: E731
+    else:  # the long axis is the positions
+        channels = plan.chunk(p)[0] if plan.chunks > 1 else min(p.Cg * plan.groups_per_program, p.C)
+        long_top, long_min, short_top = positions, 16, triton.next_power_of_2(channels)
+        as_tile = lambda long, short: (short, long)  # noqa: E731
     best, best_key = None, None
-    block_c = min(triton.next_power_of_2(channels), _MAX_CHANNELS_LAST_ROW, elems)
-    while block_c >= 1:
-        block_s = min(positions, elems // block_c)
-        while block_s >= 1 and block_c * block_s >= min(elems // 2, 512):
+    long = min(long_top, elems)
+    while long >= long_min:
+        short = min(short_top, elems // long)
+        while short >= 1 and long * short >= min(elems // 2, 512):
+            block_c, block_s = as_tile(long, short)
             valid = dataclasses.replace(plan, block_c=block_c, block_s=block_s).valid_share(p)
-            key = (round(valid * 20), block_c * block_s, block_c)  # valid share in steps of 5%
+            key = (round(valid * 20), long * short, long)  # valid share in steps of 5%
             if best_key is None or key > best_key:
                 best, best_key = (block_c, block_s), key
-            block_s //= 2
-        block_c //= 2
-    if best is None:  # a block smaller than the smallest tile: all of it in one
-        block_c = min(triton.next_power_of_2(channels), _MAX_CHANNELS_LAST_ROW)
-        best = (block_c, min(positions, max(1, elems // block_c)))
+            short //= 2
+        long //= 2
+    if best is None:
+        long = min(long_top, elems)
+        best = as_tile(long, min(short_top, max(1, elems // long)))
     return best
 
 
@@ -124,7 +108,7 @@ def _make_plan(p: Problem, split: int, groups: int, elems: int, num_warps: int, 
     for spans, chunks in _chunk_options(p, split, groups):
         block_c, block_s = _tile(p, groups, elems, spans, chunks)
         plan = Plan(spans, groups, block_c, block_s, num_warps, wave_blocks, chunks).fit(p)
-        key = (round(plan.valid_share(p) * 20), block_c * block_s, -chunks)  # as _nchw_tile, then fewer chunks
+        key = (round(plan.valid_share(p) * 20), block_c * block_s, -chunks)  # as _least_masked_tile, then fewer chunks
         if best_key is None or key > best_key:
             best, best_key = plan, key
     # A smaller tile (fewer masked lanes, a short span) keeps the elements per thread: fewer warps (a
