@@ -88,6 +88,15 @@ class Problem:
         return min(run, max(1, 16 // self.elem_size))
 
     @property
+    def row_multiple(self) -> int:
+        """NCHW rows of S positions that are not a multiple of 16: the largest power of two dividing S, up
+        to a 16-byte vector, that every row starts on (1 where the runtime already sees S as a multiple
+        of 16, and in channels_last)."""
+        if self.channels_last or self.S % 16 == 0:
+            return 1
+        return min(self.S & -self.S, max(1, 16 // self.elem_size))
+
+    @property
     def elem_size(self) -> int:
         return self.dtype.itemsize
 
@@ -114,7 +123,8 @@ class Problem:
     def base_flags(self, groups: int) -> dict:
         """The constexprs of the kernels that only read x (partial statistics)."""
         layout = Layout(CHANNELS_LAST=self.channels_last, INDEX_64=self.N * self.C * self.S > _INT32_MAX,
-                        C_MULTIPLE=self.channel_multiple(groups) if self.channels_last else 1)  # fmt: skip
+                        C_MULTIPLE=self.channel_multiple(groups) if self.channels_last else 1,
+                        S_MULTIPLE=self.row_multiple)  # fmt: skip
         return dict(LAYOUT=layout, ACC=tl.float64 if self.dtype == torch.float64 else tl.float32)
 
 

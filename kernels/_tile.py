@@ -64,6 +64,10 @@ class Layout(NamedTuple):
     # the compiler cannot see in a runtime Cg such as 40 (only multiples of 16 are specialised), and
     # the loads along channels are 128-bit. 1 where it does not matter (NCHW).
     C_MULTIPLE: tl.constexpr = 1
+    # NCHW rows whose length S is not a multiple of 16 (7x7, 14x14 maps): a power of two that divides S,
+    # up to a 16-byte vector, so that rows start on it (S = 196: 4 elements, 64-bit bf16 loads). 1 where
+    # the runtime already sees S as a multiple of 16, and in channels_last.
+    S_MULTIPLE: tl.constexpr = 1
 
 
 @triton.jit
@@ -75,7 +79,10 @@ def tile_offsets(c, s, C, S, LAYOUT: tl.constexpr):
     if LAYOUT.CHANNELS_LAST:
         return s[None, :] * C + c[:, None]
     else:
-        return c[:, None] * S + s[None, :]
+        rows = c * S
+        if LAYOUT.S_MULTIPLE > 1:  # a multiple of S, and so of S_MULTIPLE
+            rows = tl.multiple_of(rows, tl.constexpr(LAYOUT.S_MULTIPLE))
+        return rows[:, None] + s[None, :]
 
 
 @triton.jit

@@ -100,11 +100,12 @@ PLANS = {
 }
 
 
-def run_forced(plan, fn):
+def run_forced(plan, fn, *args, **kwargs):
+    """fn(*args, **kwargs) under the named plan of PLANS."""
     if PLANS[plan] is None:
-        return fn()
+        return fn(*args, **kwargs)
     with _tuning.override_plan(**PLANS[plan]):
-        return fn()
+        return fn(*args, **kwargs)
 
 
 @pytest.mark.parametrize("plan", PLANS)
@@ -115,7 +116,7 @@ def test_forward_and_gradients(dtype, case, plan, device):
     size, groups = LAYOUT_CASES[case]
     x = make_input(size, dtype, device, offset=3.0, scale=2.0, layout="channels_last")
     w, b = make_params(size[1], dtype, device)
-    y, *_ = run_forced(plan, lambda: assert_matches_reference(x, groups, w, b, activation="silu"))
+    y, *_ = run_forced(plan, assert_matches_reference, x, groups, w, b, activation="silu")
     fmt = torch.channels_last if len(size) == 4 else torch.channels_last_3d
     assert y.is_contiguous(memory_format=fmt)
 
@@ -140,11 +141,46 @@ def test_nan_stays_in_its_group_and_runs_repeat_bit_for_bit(plan, device):
     x = make_input((2, 20, 5, 5), torch.float32, device, offset=1.0, layout="channels_last")
     x[1, 12, 2, 3] = float("nan")
     w, b = make_params(20, torch.float32, device)
-    y, dx, *_ = run_forced(plan, lambda: assert_matches_reference(x, 2, w, b))
+    y, dx, *_ = run_forced(plan, assert_matches_reference, x, 2, w, b)
     assert torch.isnan(y[1, 10:]).all() and torch.isnan(dx[1, 10:]).all()
     assert not torch.isnan(y[0]).any() and not torch.isnan(y[1, :10]).any()
     x[1, 12, 2, 3] = 0.5
     dy = torch.randn_like(x)
-    first, second = (run_forced(plan, lambda: forward_backward(gn_triton.group_norm, x, 2, w, b, dy)) for _ in "ab")
+    first, second = (run_forced(plan, forward_backward, gn_triton.group_norm, x, 2, w, b, dy) for _ in "ab")
     for a, c in zip(first[:4], second[:4]):
         assert torch.equal(a, c)
+
+
+def test_row_multiple_divides_every_nchw_row():
+    """NCHW rows of S positions, S not a multiple of 16 (14x14: 196): every row starts at c*S, so on the
+    S_MULTIPLE each launch promises (Layout.S_MULTIPLE, tl.multiple_of in kernels/_tile.py tile_offsets),
+    at most a 16-byte vector; 1 where the runtime already sees S as a multiple of 16 and in channels_last."""
+    expected = {
+        (196, torch.bfloat16): 4,
+        (196, torch.float32): 4,
+        (49, torch.bfloat16): 1,
+        (100, torch.float16): 4,
+        (24, torch.float64): 2,
+        (1000, torch.bfloat16): 8,
+        (4096, torch.bfloat16): 1,
+        (7, torch.float32): 1,
+    }
+    for (S, dtype), multiple in expected.items():
+        for channels_last in (False, True):
+            p = Problem(2, 64, S, 32, dtype, channels_last, True, True)
+            for direction in ("fwd", "bwd"):
+                for launch in plan_launches(direction, p, _tuning.heuristic_plan(direction, p, H100)):
+                    if "LAYOUT" in launch.constexprs:
+                        got = launch.constexprs["LAYOUT"].S_MULTIPLE
+                        assert got == (1 if channels_last else multiple) and S % got == 0, (p, got)
+
+
+@pytest.mark.parametrize("plan", ["heuristic", "split 3, 1 group, rows of 2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_odd_maps_in_nchw(dtype, plan, device):
+    """NCHW 14x14 and 7x7 maps (rows starting on 4 and on 1 element): forward and every gradient against
+    float64, mean-shifted, with a fused SiLU."""
+    for size, groups in (((2, 8, 14, 14), 2), ((1, 12, 7, 7), 3)):
+        x = make_input(size, dtype, device, offset=3.0, scale=2.0)
+        w, b = make_params(size[1], dtype, device)
+        run_forced(plan, assert_matches_reference, x, groups, w, b, activation="silu")
