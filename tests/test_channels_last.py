@@ -6,7 +6,8 @@ them into tile rows of a power of two that divides them (16 of Cg = 40 x 2 group
 the compiler that every block starts on a multiple of C_MULTIPLE channels, so that loads along channels are
 128-bit even where Cg (40, 10, 20) is not a multiple of 16. That promise is not checked by the interpreter
 (tl.multiple_of is a no-op there) and a false one would be a misaligned load on a GPU: the host test below
-checks it for every block of every plan."""
+checks it for every block of every plan. NCHW rows of S positions, S not a multiple of 16 (14x14), carry the
+same kind of promise (Layout.S_MULTIPLE) and are tested at the end."""
 
 import random
 
