@@ -66,6 +66,21 @@ def plural(count: int, word: str, words: str = "") -> str:
     return f"{count} {word}" if count == 1 else f"{count} {words or word + 's'}"
 
 
+def tile_line(p: Problem, plan: Plan) -> str:
+    """The plan's tile as the kernels walk it: its rows along the layout's contiguous axis, the share of
+    its lanes left masked on this shape, and the elements one aligned load can take (the alignment the
+    kernels know: a block's channels in channels_last, a row's start in NCHW)."""
+    if p.channels_last:
+        rows, along = f"{plural(plan.block_s, 'pixel')} x {plural(plan.block_c, 'channel')}", "channels"
+        aligned, row_length = p.channel_multiple(plan.groups_per_program), plan.block_c
+    else:
+        rows, along = f"{plural(plan.block_c, 'channel')} x {plural(plan.block_s, 'position')}", "positions"
+        aligned, row_length = (16 if p.S % 16 == 0 else p.row_multiple), plan.block_s
+    vector = min(aligned, row_length, 16 // p.elem_size)
+    return (f"tile: {rows}, {1 - plan.valid_share(p):.0%} of its lanes masked; loads of up to "
+            f"{vector * p.elem_size * 8} bits along {along}")  # fmt: skip
+
+
 def describe(direction: str, p: Problem, plan: Plan, pred: Prediction, device: DeviceModel) -> list[str]:
     plan = plan.fit(p)
     if plan.split == 1:
@@ -84,6 +99,7 @@ def describe(direction: str, p: Problem, plan: Plan, pred: Prediction, device: D
         f"  {path}: {plural(pred.launches, 'launch', 'launches')} per call",
         "  kernels: " + ", ".join(f"{name} x{count}" for name, count in kernels.items()),
         f"  plan: {plan}",
+        "  " + tile_line(p, plan),
         f"  HBM bytes: {pred.hbm_bytes / 1e6:.1f} MB predicted vs {pred.floor_bytes / 1e6:.1f} MB floor "
         f"({pred.traffic_over_floor:.2f}x)",
         f"  time: {pred.time_us:.1f} us predicted (GPU {pred.gpu_us:.1f} us, host {pred.host_us:.1f} us)"

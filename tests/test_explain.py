@@ -82,3 +82,21 @@ def test_channels_last_3d_layout():
     assert ok.stdout.strip().split("\n")[1:] == as_channels_last.split("\n")[1:]  # the same plan and figures
     bad = run("1x8x4x4:2", "--layout", "channels_last_3d")
     assert bad.returncode == 2 and "channels_last_3d needs a 5-D SHAPE" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "shape, layout, line",
+    [
+        ((1, 1280, 16, 16), "channels_last", "tile: 256 pixels x 8 channels, 0% of its lanes masked; loads of up to "
+         "128 bits along channels"),  # groups of 40 channels: rows of 8, 16-byte aligned
+        ((1, 256, 10, 16, 16), "channels_last_3d", "loads of up to 128 bits along channels"),
+        ((1, 1024, 14, 14), "contiguous", "6% of its lanes masked; loads of up to 64 bits along positions"),
+        ((1, 2048, 7, 7), "contiguous", "23% of its lanes masked; loads of up to 16 bits along positions"),
+        ((2, 320, 64, 64), "contiguous", "0% of its lanes masked; loads of up to 128 bits along positions"),
+    ],
+)  # fmt: skip
+def test_the_tile_its_masked_lanes_and_load_width_are_shown(shape, layout, line):
+    """explain says how the chosen plan's tile sits on the shape (bf16): rows along the layout's contiguous
+    axis, masked lanes, and the widest load the alignment the kernels know allows."""
+    text = explain.explain(shape, 32, "bf16", layout, H100)
+    assert text.count(line) == 2, text  # forward and backward
