@@ -72,6 +72,7 @@ $(eval $(call stack_rule,$(NEWEST_VENV),$(NEWEST_TORCH),$(NEWEST_TRITON)))
 lint: $(VENV)/.test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy  # gn_triton/ ([tool.mypy] in pyproject.toml): about 10 s, under 1 s with its cache
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
