@@ -48,7 +48,7 @@ def serialise_launches() -> None:
     kernels = __name__.rpartition(".")[0] + ".kernels"
     run = InterpretedFunction.run
     if getattr(run, "_gn_triton_serialised", False):
-        getattr(run, "_gn_triton_kernels", set()).add(kernels)  # the first copy patched it; each adds its kernels
+        getattr(run, "_gn_triton_kernels", set[str]()).add(kernels)  # the first copy patched it; each adds its kernels
         return
 
     import numpy as np
@@ -62,8 +62,8 @@ def serialise_launches() -> None:
         with LAUNCH_LOCK, np.errstate(over="ignore") if ours else contextlib.nullcontext():
             return run(self, *args, **kwargs)
 
-    serialised_run._gn_triton_serialised = True
-    serialised_run._gn_triton_kernels = {kernels}
+    serialised_run._gn_triton_serialised = True  # type: ignore[attr-defined]  # a function's own attributes
+    serialised_run._gn_triton_kernels = {kernels}  # type: ignore[attr-defined]
     InterpretedFunction.run = serialised_run
 
 

@@ -143,7 +143,7 @@ class _Program:
             self.compiled = all(step.compiled is not None for step in self.steps)
         else:
             for step in self.steps:
-                step.compiled(step.arguments(values))
+                step.compiled(step.arguments(values))  # type: ignore[misc]  # not None: self.compiled says so
 
 
 class _Workspace:
@@ -276,7 +276,7 @@ class ForwardProgram(_Program):
 
     def tensors(self, present: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
         """(weight, bias, scale, shift) from those of them that are present."""
-        tensors = [None, None, None, None]
+        tensors: list[torch.Tensor | None] = [None, None, None, None]
         for i, t in zip(self.present, present):
             tensors[i] = t
         return tuple(tensors)
@@ -317,7 +317,8 @@ class ForwardProgram(_Program):
         key = (meta(dy), *needs)
         program = self.backward.get(key)
         if program is None:
-            affine = Affine(*tensors, self.activation)
+            weight, bias, scale, shift = tensors
+            affine = Affine(weight, bias, scale, shift, self.activation)
             program = _plan_backward(x, dy, self.num_groups, affine, needs, self.stats, work)
             keep(self.backward, key, program, x.device)
         return program
@@ -413,13 +414,13 @@ def gn_fwd(
     rounding residual."""
     out_dtype = out_dtype or x.dtype
     if x.numel() == 0:
-        y, *stats = empty_outputs(x, num_groups, out_dtype)
-        for t in stats:  # like torch: an empty group has NaN statistics
+        y, mean, mean_lo, rstd = empty_outputs(x, num_groups, out_dtype)
+        for t in (mean, mean_lo, rstd):  # like torch: an empty group has NaN statistics
             t.fill_(float("nan"))
-        return (y, *stats)
-    stats = _empty_stats(x, num_groups)
+        return y, mean, mean_lo, rstd
+    stats = mean, mean_lo, rstd = _empty_stats(x, num_groups)
     y, _ = forward_program(x, num_groups, eps, affine, out_dtype)(x, _tensors(affine), eps, stats)
-    return (y, *stats)
+    return y, mean, mean_lo, rstd
 
 
 def gn_bwd(
@@ -437,10 +438,10 @@ def gn_bwd(
     tensors = _tensors(affine)
     needs = tuple(bool(need) and t is not None for need, t in zip(output_mask, (x, *tensors)))
     if x.numel() == 0 or not any(needs):
-        grads = empty_grads(x, affine, needs)
-        for g in grads[1:]:  # no positions: the parameters' gradients are zero
+        empty = empty_grads(x, affine, needs)
+        for g in empty[1:]:  # no positions: the parameters' gradients are zero
             g.zero_()
-        return grads
+        return empty
     stats = tuple(t.contiguous() for t in (mean, mean_lo, rstd))  # e.g. expanded by vmap (tiny)
     key = (signature(x, num_groups, tensors, affine.activation, grad_out.dtype), meta(grad_out),
            *map(meta, stats), *needs)  # fmt: skip

@@ -103,7 +103,7 @@ def plan_part_launches(part: str, p: Problem, plan: Plan, needs: Sequence[bool] 
     plan = plan.fit(p)
     groups = plan.groups_per_program
     flags = dict(plan.meta(), **(p.base_flags(groups) if part == "stats" else p.flags(groups)))
-    grid = (plan.span(p.S)[1],)
+    grid: tuple[int, ...] = (plan.span(p.S)[1],)
     if part in ("stats", "grad_sums"):  # these walk a group's channels in the plan's chunks
         flags["CHUNK_C"] = plan.chunk_constexpr(p)
         grid += (plan.chunk(p)[1],)

@@ -24,7 +24,7 @@ from ._plan import Affine
 # loaded under another name (a kernels-hub build, whose module name is its unique build id) registers
 # its own ops beside an installed gn_triton's instead of colliding with them; one name is one module,
 # so a copy is never registered twice.
-NAMESPACE = __name__.rpartition(".")[0].replace(".", "_")
+NAMESPACE: str = __name__.rpartition(".")[0].replace(".", "_")
 _FLEXIBLE = (torch.Tag.flexible_layout,)
 
 
@@ -69,7 +69,10 @@ def group_norm_bwd(
     """(dx, dweight, dbias, dscale, dshift); a gradient not in `output_mask` (or of a None tensor) is
     empty. With a fused activation its pre-activation is recomputed from input and the statistics."""
     affine = Affine(weight, bias, scale, shift, activation)
-    return _launch.gn_bwd(grad_out, input, num_groups, affine, mean, mean_lo, rstd, output_mask)
+    dx, dweight, dbias, dscale, dshift = _launch.gn_bwd(
+        grad_out, input, num_groups, affine, mean, mean_lo, rstd, output_mask
+    )
+    return dx, dweight, dbias, dscale, dshift
 
 
 @group_norm_bwd.register_fake

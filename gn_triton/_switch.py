@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 _LOCK = threading.RLock()
 # (restore function, thread id for a per-thread setting) -> its switches made or entered, not exited
@@ -70,8 +70,8 @@ class Switch:
                 self._restore(self._before)
                 return
             if first:
-                live[0]()._before = self._before  # the state before them all stays the one to return to
-            live[-1]()._change()
+                cast(Switch, live[0]())._before = self._before  # the state before them all stays the one to return to
+            cast(Switch, live[-1]())._change()  # (_alive dropped the dead references)
 
 
 def _alive(key: tuple[Callable, int | None]) -> list[weakref.ref]:

@@ -104,7 +104,8 @@ def _chunk_options(p: Problem, split: int, groups: int) -> list[tuple[int, int]]
 
 
 def _make_plan(p: Problem, split: int, groups: int, elems: int, num_warps: int, wave_blocks: int) -> Plan:
-    best, best_key = None, None
+    best: Plan | None = None
+    best_key = None
     for spans, chunks in _chunk_options(p, split, groups):
         block_c, block_s = _tile(p, groups, elems, spans, chunks)
         plan = Plan(spans, groups, block_c, block_s, num_warps, wave_blocks, chunks).fit(p)
@@ -113,6 +114,7 @@ def _make_plan(p: Problem, split: int, groups: int, elems: int, num_warps: int, 
             best, best_key = plan, key
     # A smaller tile (fewer masked lanes, a short span) keeps the elements per thread: fewer warps (a
     # loop over 8 elements a thread costs ~0.3 instructions per element more than one over 16).
+    assert best is not None  # _chunk_options gives at least one option
     warps = max(1, min(num_warps, num_warps * best.block_c * best.block_s // elems))
     return dataclasses.replace(best, num_warps=warps)
 
@@ -256,7 +258,8 @@ def candidate_plans(direction: str, p: Problem, device: torch.device | DeviceMod
     (fused or split, waves or not, groups per program), so that where the model may be wrong about
     the kind the timing decides; the heuristic plan first."""
     limit = tune_candidates()
-    chosen, per_kind = [], {}
+    chosen: list[Plan] = []
+    per_kind: dict[tuple[bool, bool, int], int] = {}
     for plan, _ in ranked_plans(direction, p, _device(device)):
         kind = (plan.split == 1, plan.wave_blocks > 0, plan.groups_per_program)
         if limit is None or per_kind.get(kind, 0) < 2:

@@ -69,7 +69,7 @@ _MULS = (operator.mul, torch.mul)
 _ADDS = (operator.add, torch.add)
 _SILUS = (F.silu, torch._C._nn.silu)
 _GELUS = (F.gelu,)  # F.gelu is torch._C._nn.gelu: what nn.GELU calls
-_GELU_APPROXIMATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
+_GELU_APPROXIMATIONS: dict[Any, str] = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
 def fuse_group_norms(graph: Graph) -> int:
@@ -139,7 +139,7 @@ def _activation(node: Node | None, y: Node) -> str | None:
 
 
 def _replace(graph: Graph, gn: Node) -> bool:
-    args = dict(zip(_GROUP_NORM_PARAMS, gn.args), **gn.kwargs)
+    args: dict[str, Any] = dict(zip(_GROUP_NORM_PARAMS, gn.args), **gn.kwargs)
     x, num_groups, eps = args["input"], args["num_groups"], args.get("eps", 1e-5)
     x_val, y_val = _value(x), _value(gn)
     if not (
@@ -159,7 +159,8 @@ def _replace(graph: Graph, gn: Node) -> bool:
         return False
 
     # Walk the chain gn -> [* m] -> [+ t] -> [activation], each step the previous one's only user.
-    chain, one_plus, scale, shift = [gn], None, None, None
+    chain: list[Any] = [gn]  # Nodes: each user appended is one (mypy cannot tell it is not None)
+    one_plus, scale, shift = None, None, None
     user = _only_user(gn)
     m = _other_operand(user, _MULS, "mul", gn)
     # Only a multiplier written as `1 + s` is folded (as scale = s): any other m would have to become
@@ -233,13 +234,14 @@ def _set_enabled(enabled: bool) -> None:
     if enabled and not _enabled():
         inductor_config.pre_grad_custom_pass = _FusionPass(inductor_config.pre_grad_custom_pass)
     elif not enabled and _enabled():
-        inductor_config.pre_grad_custom_pass = inductor_config.pre_grad_custom_pass.previous
+        inductor_config.pre_grad_custom_pass = _installed_pass().previous
 
 
 # torch 2.13's Inductor config holds each value per thread (a ContextVar): the pass enabled in one thread
 # is not seen by compilations in another. torch 2.11's is one value for the process.
 _PER_THREAD = isinstance(
-    getattr(inductor_config._config.get("pre_grad_custom_pass"), "user_override", None), ContextVar
+    getattr(inductor_config._config.get("pre_grad_custom_pass"), "user_override", None),  # type: ignore[attr-defined]  # private, not in the stubs
+    ContextVar,
 )
 
 
@@ -264,7 +266,7 @@ def fusion_options() -> dict[str, Any]:
 
     (Inductor applies a compiled function's options at each of its compilations; the pass installed
     when this is called, if any and not gn_triton's, runs first, as with enable_compile_fusion.)"""
-    installed = inductor_config.pre_grad_custom_pass
+    installed = _installed_pass()
     return {"pre_grad_custom_pass": _FusionPass(installed.previous if _enabled() else installed)}
 
 

@@ -39,6 +39,7 @@ capture as NCCL allows.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -76,7 +77,7 @@ def _options(code: int) -> str:
 
 
 # The exchanged fields after the error flag: (what, how to show a value).
-_SHOWN = (
+_SHOWN: tuple[tuple[str, Callable[[int], object]], ...] = (
     ("eps", lambda bits: struct.unpack("<d", struct.pack("<q", bits))[0]),
     ("dtype", lambda code: str(_DTYPES[code]) if code < len(_DTYPES) else "other"),
     ("optional tensors and activation", _options),
@@ -142,20 +143,23 @@ def shard_statistics(input: torch.Tensor, num_groups: int) -> torch.Tensor:
 
 def whole_statistics(gathered: torch.Tensor, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """The whole tensor's stats from every shard's (ranks along dim 0), merged in rank order."""
-    count, mean, mean_lo, m2 = merged(*gathered.unbind(1), dtype)
+    count, mean, mean_lo, m2 = gathered.unbind(1)
+    count, mean, mean_lo, m2 = merged(count, mean, mean_lo, m2, dtype)
     return mean, mean_lo, _parts.rstd_of(count, m2, eps, dtype), count
 
 
 def shard_output(input, num_groups: int, affine: Affine, stats, out_dtype: torch.dtype) -> torch.Tensor:
     normalize = _parts.normalize if _on_kernels(input) else _parts.torch_normalize
-    return normalize(input, num_groups, affine, *stats[:3], out_dtype)
+    mean, mean_lo, rstd = stats[:3]
+    return normalize(input, num_groups, affine, mean, mean_lo, rstd, out_dtype)
 
 
 def shard_grad_sums(dy, input, num_groups: int, affine: Affine, stats, needs) -> tuple[torch.Tensor, ...]:
     """(per-(n, c) sums of dz and dz*(x - mean) over this shard, float64 (N, C, 2): what is gathered;
     then this shard's contribution to dweight, dbias, dscale, dshift, those `needs` asks for)."""
     grad_sums = _parts.grad_sums if _on_kernels(input) else _parts.torch_grad_sums
-    return grad_sums(dy, input, num_groups, affine, *stats[:3], needs)
+    mean, mean_lo, rstd = stats[:3]
+    return grad_sums(dy, input, num_groups, affine, mean, mean_lo, rstd, needs)
 
 
 def shard_dx(dy, input, num_groups: int, affine: Affine, stats, total: torch.Tensor) -> torch.Tensor:
@@ -288,9 +292,10 @@ def convert_model(model: torch.nn.Module, group: dist.ProcessGroup | None = None
     activation too), and return `model`."""
     for module in model.modules():
         if type(module) in (torch.nn.GroupNorm, _GroupNorm):
-            module.activation = getattr(module, "activation", None)
+            # (torch types a Module's attributes it does not declare as Tensor | Module)
+            module.activation = getattr(module, "activation", None)  # type: ignore[assignment]
             module.__class__ = GroupNorm
-            module.group = group
+            module.group = group  # type: ignore[assignment]
     return model
 
 

@@ -57,7 +57,7 @@ def group_norm(
     if type(num_groups) is not int or type(eps) is not float:  # numpy numbers, 0-d tensors: as torch takes them
         num_groups, eps = _checks.as_number(num_groups, int), _checks.as_number(eps, float)
     if autograd.eager(input):
-        out_dtype = input.dtype if keep_input_dtype else _checks.output_dtype(input)
+        out_dtype: torch.dtype | None = input.dtype if keep_input_dtype else _checks.output_dtype(input)
         tensors = (weight, bias, scale, shift)
         program = _eager_program(input, num_groups, tensors, eps, activation, out_dtype)
         if program is not None:
@@ -94,15 +94,18 @@ def _eager_program(input, num_groups, tensors, eps, activation, out_dtype) -> _l
     """The eager route's launch program for this call: planned at the first call of its signature,
     after the argument checks (which raise on bad arguments); None where the call does not run on the
     kernels (empty input, a dtype or device they do not take)."""
+    key: tuple | None
+    program: _launch.ForwardProgram | None
     try:
         key = (_launch.signature(input, num_groups, tensors, activation, out_dtype), type(num_groups), type(eps))
         program = _CHECKED.get(key)
     except (AttributeError, TypeError, RuntimeError):  # not tensors, unhashable: the checks say what is wrong
         key = program = None
     if program is None:
-        _check(input, num_groups, *tensors[:2], eps, activation, *tensors[2:])
+        weight, bias, scale, shift = tensors
+        _check(input, num_groups, weight, bias, eps, activation, scale, shift)
         if key is not None and input.numel() and _checks.backend_for(input) != "torch":
-            affine = Affine(*tensors, activation)
+            affine = Affine(weight, bias, scale, shift, activation)
             program = _launch.forward_program(input, num_groups, float(eps), affine, out_dtype, key[0])
             _launch.keep(_CHECKED, key, program, input.device)
     return program

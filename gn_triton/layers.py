@@ -33,6 +33,11 @@ from .functional import group_norm
 class GroupNorm(torch.nn.Module):
     """nn.GroupNorm's forward on gn_triton's kernels; torch's own where they do not run the call."""
 
+    # nn.GroupNorm's attributes, which the layer runs with (annotations only: no members of its own)
+    num_groups: int
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
     has_backward = True
     can_torch_compile = True
 
@@ -46,6 +51,11 @@ class GroupNormSiLU(torch.nn.Module):
     """SiLU(GroupNorm(x)) of a layer with nn.GroupNorm's attributes, as one fused gn_triton call;
     torch's F.group_norm then F.silu where the kernels do not run the call."""
 
+    # nn.GroupNorm's attributes, which the layer runs with (annotations only: no members of its own)
+    num_groups: int
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
     has_backward = True
     can_torch_compile = True
 

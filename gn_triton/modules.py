@@ -48,7 +48,7 @@ class GroupNorm(torch.nn.GroupNorm):
         else:
             super().__init__(num_groups, num_channels, eps, affine, device, dtype)
             if affine and not bias:
-                self.bias = None  # unregisters the parameter, as torch's own bias=False does
+                self.bias = None  # type: ignore[assignment]  # unregisters the parameter, as torch's own bias=False does
         _checks.check_activation(activation)
         self.activation = activation
 
@@ -210,9 +210,10 @@ def convert_model(
         if isinstance(module, torch.nn.GroupNorm) and not isinstance(module, GroupNorm):
             if _computes_torchs_group_norm(module):
                 module.__class__ = _converted_class(type(module))
-                module.activation = None
+                # (torch types a Module's attributes it does not declare as Tensor | Module)
+                module.activation = None  # type: ignore[assignment]
                 if keep_input_dtype:
-                    module.keep_input_dtype = True
+                    module.keep_input_dtype = True  # type: ignore[assignment]
     left = unconverted_group_norms(model)
     if left:
         kinds = sorted({type(m).__qualname__ for name, m in model.named_modules() if name in left})
@@ -223,7 +224,7 @@ def convert_model(
         )
     if activation_fusion:
         for seq in model.modules():
-            if type(seq) is torch.nn.Sequential and any(_fused_activation(a, b) for a, b in zip(seq, seq[1:])):
+            if type(seq) is torch.nn.Sequential and any(_fused_activation(a, b) for a, b in zip(seq, seq[1:])):  # type: ignore[call-overload]  # seq[1:] is a Sequential
                 seq.__class__ = FusingSequential
     return model
 
@@ -233,7 +234,7 @@ def revert_model(model: torch.nn.Module) -> torch.nn.Module:
     or the subclass they had), FusingSequentials become nn.Sequential again. Returns `model`."""
     for module in model.modules():
         if type(module) is FusingSequential:
-            module.__class__ = torch.nn.Sequential
+            module.__class__ = torch.nn.Sequential  # type: ignore[assignment]  # the class changes in place
         elif type(module) is GroupNorm or type(module) in _CONVERTED.values():
             if module.activation is not None:
                 raise ValueError(

@@ -35,7 +35,7 @@ class GroupStats(NamedTuple):
     input); mean_lo: the rounding residual (mean + mean_lo is the mean to about twice that precision);
     m2: the sum of squared deviations from the mean (variance = m2 / count)."""
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as intended
     mean: torch.Tensor
     mean_lo: torch.Tensor
     m2: torch.Tensor
@@ -75,7 +75,8 @@ def merge_stats(parts: Sequence[GroupStats]) -> GroupStats:
                 f"{tuple(s.mean.shape)} {s.mean.dtype} on {s.mean.device}"
             )
     stacked = [torch.stack([getattr(s, field) for s in parts]) for field in GroupStats._fields]
-    return merged(*stacked, first.mean.dtype)
+    count, mean, mean_lo, m2 = stacked
+    return merged(count, mean, mean_lo, m2, first.mean.dtype)
 
 
 def merged(count, mean, mean_lo, m2, dtype: torch.dtype) -> GroupStats:
