@@ -80,12 +80,16 @@ class Problem:
         """Programs' blocks when each owns `groups` adjacent groups of one sample."""
         return self.N * triton.cdiv(self.G, groups)
 
+    @property
+    def vector(self) -> int:
+        """x's elements in one 16-byte (128-bit) load."""
+        return max(1, 16 // self.elem_size)
+
     def channel_multiple(self, groups: int) -> int:
         """channels_last: the channels of x's widest aligned load when a program owns `groups` adjacent
         groups, the largest power of two that divides the first channel of every block (a multiple of
         groups*Cg) and its end (that, or C), up to a 16-byte vector (1 where nothing is aligned)."""
-        run = min(groups * self.Cg & -(groups * self.Cg), self.C & -self.C)
-        return min(run, max(1, 16 // self.elem_size))
+        return min(groups * self.Cg & -(groups * self.Cg), self.C & -self.C, self.vector)
 
     @property
     def row_multiple(self) -> int:
@@ -94,7 +98,7 @@ class Problem:
         of 16, and in channels_last)."""
         if self.channels_last or self.S % 16 == 0:
             return 1
-        return min(self.S & -self.S, max(1, 16 // self.elem_size))
+        return min(self.S & -self.S, self.vector)
 
     @property
     def elem_size(self) -> int:

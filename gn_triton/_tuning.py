@@ -218,7 +218,7 @@ def _for_warp_size(plan: Plan, p: Problem, dev: DeviceModel) -> Plan:
     if dev.warp_size == 32:
         return plan
     num_warps = max(1, plan.num_warps * 32 // dev.warp_size)
-    per_lane = max(1, 16 // p.elem_size)  # elements of one 128-bit load
+    per_lane = p.vector  # elements of one 128-bit load
     while num_warps > 1 and plan.block_c * plan.block_s < dev.warp_size * num_warps * per_lane:
         num_warps //= 2
     return dataclasses.replace(plan, num_warps=num_warps)

@@ -75,8 +75,8 @@ def tile_line(p: Problem, plan: Plan) -> str:
         aligned, row_length = p.channel_multiple(plan.groups_per_program), plan.block_c
     else:
         rows, along = f"{plural(plan.block_c, 'channel')} x {plural(plan.block_s, 'position')}", "positions"
-        aligned, row_length = (16 if p.S % 16 == 0 else p.row_multiple), plan.block_s
-    vector = min(aligned, row_length, 16 // p.elem_size)
+        aligned, row_length = (p.vector if p.S % 16 == 0 else p.row_multiple), plan.block_s
+    vector = min(aligned, row_length, p.vector)
     return (f"tile: {rows}, {1 - plan.valid_share(p):.0%} of its lanes masked; loads of up to "
             f"{vector * p.elem_size * 8} bits along {along}")  # fmt: skip
 

@@ -30,16 +30,20 @@ from ._checks import backend_for
 from .functional import group_norm
 
 
-class GroupNorm(torch.nn.Module):
-    """nn.GroupNorm's forward on gn_triton's kernels; torch's own where they do not run the call."""
+class _Layer(torch.nn.Module):
+    """What both layers declare: nn.GroupNorm's attributes they run with (annotations only, no members of
+    their own: `kernels` refuses a layer with members besides forward and the two flags) and the flags."""
 
-    # nn.GroupNorm's attributes, which the layer runs with (annotations only: no members of its own)
     num_groups: int
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     eps: float
     has_backward = True
     can_torch_compile = True
+
+
+class GroupNorm(_Layer):
+    """nn.GroupNorm's forward on gn_triton's kernels; torch's own where they do not run the call."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if backend_for(input) == "torch":
@@ -47,17 +51,9 @@ class GroupNorm(torch.nn.Module):
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
-class GroupNormSiLU(torch.nn.Module):
+class GroupNormSiLU(_Layer):
     """SiLU(GroupNorm(x)) of a layer with nn.GroupNorm's attributes, as one fused gn_triton call;
     torch's F.group_norm then F.silu where the kernels do not run the call."""
-
-    # nn.GroupNorm's attributes, which the layer runs with (annotations only: no members of its own)
-    num_groups: int
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    eps: float
-    has_backward = True
-    can_torch_compile = True
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if backend_for(input) == "torch":
